@@ -1,0 +1,60 @@
+//! NATS names: stream, subjects, consumers, buckets. These are part of the wire contract
+//! (design §3): every binary and every deployment manifest uses exactly these.
+
+use crate::Stage;
+
+/// The one work stream; subjects `lipsync.work.<stage>`, work-queue retention.
+pub const WORK_STREAM: &str = "LIPSYNC_WORK";
+/// Prefix of every work subject.
+pub const WORK_SUBJECT_PREFIX: &str = "lipsync.work";
+/// Wildcard covering all work subjects (the stream's subject list).
+pub const WORK_SUBJECT_WILDCARD: &str = "lipsync.work.>";
+/// KV bucket: task id -> task record (JSON).
+pub const TASKS_BUCKET: &str = "lipsync_tasks";
+/// KV bucket: Idempotency-Key -> task id, TTL 24 h.
+pub const IDEMPOTENCY_BUCKET: &str = "lipsync_idempotency";
+/// Object store bucket holding inputs, intermediates and outputs, keys `<task_id>/<name>`.
+pub const ARTIFACTS_BUCKET: &str = "lipsync_artifacts";
+/// Header carrying the work-item schema version.
+pub const SCHEMA_VERSION_HEADER: &str = "Lipsync-Schema";
+
+/// Subject of a stage's work queue: `lipsync.work.<stage>`.
+pub fn work_subject(stage: Stage) -> String {
+    format!("{WORK_SUBJECT_PREFIX}.{}", stage.as_str())
+}
+
+/// Durable consumer name of a stage: the stage's name.
+pub fn consumer_name(stage: Stage) -> &'static str {
+    stage.as_str()
+}
+
+/// `Nats-Msg-Id` of a work message: `<task_id>:<stage>`, so a double publish is dropped by
+/// the stream's duplicate window.
+pub fn msg_id(task_id: &str, stage: Stage) -> String {
+    format!("{task_id}:{}", stage.as_str())
+}
+
+/// Artifact key of a task's named object: `<task_id>/<name>`.
+pub fn artifact_key(task_id: &str, name: &str) -> String {
+    format!("{task_id}/{name}")
+}
+
+/// Well-known artifact names.
+pub mod artifact {
+    /// The original video as downloaded or uploaded.
+    pub const VIDEO: &str = "input_video";
+    /// The original audio input as downloaded or uploaded.
+    pub const AUDIO_ORIGINAL: &str = "input_audio";
+    /// The audio brought to 16 kHz mono PCM WAV by the fetch stage.
+    pub const AUDIO_16K: &str = "audio_16k.wav";
+    /// Face track (per-frame box, landmarks, affine), JSON.
+    pub const FACE_TRACK: &str = "face_track.json";
+    /// Whisper encoder features.
+    pub const AUDIO_FEATURES: &str = "audio_features.bin";
+    /// Generated face crops.
+    pub const CROPS: &str = "crops.bin";
+    /// The final result video.
+    pub const RESULT: &str = "result.mp4";
+    /// The blend-mask video.
+    pub const MASK: &str = "mask.mp4";
+}

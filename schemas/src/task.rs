@@ -1,0 +1,269 @@
+//! The task record stored in KV `lipsync_tasks` (design §5) and served by `GET /task/{id}`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Stage, TaskError};
+
+/// Current version of the task record layout.
+pub const TASK_RECORD_VERSION: u32 = 1;
+
+/// The seed's status words; nothing else may ever appear on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Accepted, not yet started.
+    Queued,
+    /// A stage is working on it.
+    Processing,
+    /// Done; outputs are available.
+    Completed,
+    /// Failed or cancelled; see `error`.
+    Failed,
+}
+
+impl Status {
+    /// `completed` or `failed`: the record will never change again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed)
+    }
+
+    /// The wire word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Processing => "processing",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+/// Where an input comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputSource {
+    /// A remote http(s) URL, downloaded by the fetch stage.
+    Url(String),
+    /// An upload already in the artifact store under this key.
+    Artifact(String),
+}
+
+/// The client's request parameters as accepted by the gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRequest {
+    /// Video input.
+    pub video: InputSource,
+    /// Audio input (any media with an audio stream).
+    pub audio: InputSource,
+    /// Configured model name the task runs with.
+    pub model: String,
+    /// Number of DDIM steps (1-100).
+    pub inference_steps: u32,
+    /// Classifier-free guidance scale (1.0-5.0).
+    pub guidance_scale: f64,
+    /// Noise seed; `None` means a server-chosen seed.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Where to POST the final record, if anywhere.
+    #[serde(default)]
+    pub webhook_url: Option<String>,
+}
+
+/// When a stage started and finished work on this task (epoch seconds).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageTiming {
+    /// First moment the stage worked on the task.
+    #[serde(default)]
+    pub started_at: Option<f64>,
+    /// Moment the stage finished its part.
+    #[serde(default)]
+    pub finished_at: Option<f64>,
+    /// Delivery attempts the stage needed.
+    #[serde(default)]
+    pub attempts: u32,
+}
+
+/// What the fetch stage learned about the inputs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MediaSummary {
+    /// Video width in pixels (after rotation).
+    pub width: u32,
+    /// Video height in pixels (after rotation).
+    pub height: u32,
+    /// Video frame rate as probed.
+    pub fps: f64,
+    /// Video duration in seconds.
+    pub video_duration_s: f64,
+    /// Audio duration in seconds.
+    pub audio_duration_s: f64,
+}
+
+/// Progress of the face/audio join (design §4).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinState {
+    /// The face stage stored its track.
+    #[serde(default)]
+    pub face_done: bool,
+    /// The audio stage stored its features.
+    #[serde(default)]
+    pub audio_done: bool,
+    /// `work.infer` was published (by whichever finished last).
+    #[serde(default)]
+    pub infer_published: bool,
+}
+
+/// The task record. Field names of the seed API (`status`, `progress`, `message`,
+/// `output_video_url`, `output_mask_url`, `queue_position`) and of its public
+/// implementation (`start_time`, `end_time`) are kept as they are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// Layout version of this record.
+    #[serde(default = "default_version")]
+    pub schema_version: u32,
+    /// UUID v4.
+    pub task_id: String,
+    /// Seed status word.
+    pub status: Status,
+    /// The stage currently (or last) working on the task.
+    #[serde(default)]
+    pub stage: Option<Stage>,
+    /// 0.0-1.0, never decreasing.
+    pub progress: f64,
+    /// Human-readable state.
+    pub message: String,
+    /// Tasks ahead of this one not yet on the GPU (0-based); filled in when served.
+    #[serde(default)]
+    pub queue_position: Option<u64>,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+    /// RFC 3339 time the first stage started.
+    #[serde(default)]
+    pub started_at: Option<String>,
+    /// RFC 3339 time the task ended.
+    #[serde(default)]
+    pub finished_at: Option<String>,
+    /// Creation time, epoch seconds (public implementation's field).
+    pub start_time: f64,
+    /// End time, epoch seconds (public implementation's field).
+    #[serde(default)]
+    pub end_time: Option<f64>,
+    /// `/outputs/{task_id}/result.mp4` once completed.
+    #[serde(default)]
+    pub output_video_url: Option<String>,
+    /// `/outputs/{task_id}/mask.mp4` once completed.
+    #[serde(default)]
+    pub output_mask_url: Option<String>,
+    /// Set when `status` is `failed`.
+    #[serde(default)]
+    pub error: Option<TaskError>,
+    /// The accepted request.
+    pub request: TaskRequest,
+    /// A client asked to cancel; stages stop at their next check.
+    #[serde(default)]
+    pub cancel_requested: bool,
+    /// Face/audio join state.
+    #[serde(default)]
+    pub join: JoinState,
+    /// Per-stage timings.
+    #[serde(default)]
+    pub stages: BTreeMap<String, StageTiming>,
+    /// Probe results of the inputs.
+    #[serde(default)]
+    pub media: Option<MediaSummary>,
+    /// Artifact keys this task owns (for cleanup).
+    #[serde(default)]
+    pub artifacts: Vec<String>,
+    /// Notices for the client (e.g. a test model is in use).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+fn default_version() -> u32 {
+    TASK_RECORD_VERSION
+}
+
+impl TaskRecord {
+    /// A fresh `queued` record.
+    pub fn new(task_id: String, request: TaskRequest, now_epoch: f64, now_rfc3339: String) -> Self {
+        Self {
+            schema_version: TASK_RECORD_VERSION,
+            task_id,
+            status: Status::Queued,
+            stage: None,
+            progress: 0.0,
+            message: "queued".to_owned(),
+            queue_position: None,
+            created_at: now_rfc3339,
+            started_at: None,
+            finished_at: None,
+            start_time: now_epoch,
+            end_time: None,
+            output_video_url: None,
+            output_mask_url: None,
+            error: None,
+            request,
+            cancel_requested: false,
+            join: JoinState::default(),
+            stages: BTreeMap::new(),
+            media: None,
+            artifacts: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
+    /// Raise progress, never lowering it and clamping into 0..=1.
+    pub fn raise_progress(&mut self, p: f64) {
+        if p.is_finite() {
+            self.progress = self.progress.max(p.clamp(0.0, 1.0));
+        }
+    }
+
+    /// Whether the task has not yet reached the GPU stage (counts for the queue).
+    pub fn waiting_for_gpu(&self) -> bool {
+        !self.status.is_terminal()
+            && !self.stages.contains_key(Stage::Infer.as_str())
+            && !self.cancel_requested
+    }
+
+    /// Whether the task is on the GPU right now.
+    pub fn on_gpu(&self) -> bool {
+        !self.status.is_terminal()
+            && self
+                .stages
+                .get(Stage::Infer.as_str())
+                .is_some_and(|t| t.finished_at.is_none())
+    }
+}
+
+/// A compact change notice for operations dashboards (`GET /ws`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressEvent {
+    /// Task the event is about.
+    pub task_id: String,
+    /// Status after the change.
+    pub status: Status,
+    /// Stage after the change.
+    pub stage: Option<Stage>,
+    /// Progress after the change.
+    pub progress: f64,
+    /// Message after the change.
+    pub message: String,
+    /// Error code if failed.
+    #[serde(default)]
+    pub error_code: Option<crate::ErrorCode>,
+}
+
+impl From<&TaskRecord> for ProgressEvent {
+    fn from(r: &TaskRecord) -> Self {
+        Self {
+            task_id: r.task_id.clone(),
+            status: r.status,
+            stage: r.stage,
+            progress: r.progress,
+            message: r.message.clone(),
+            error_code: r.error.as_ref().map(|e| e.code),
+        }
+    }
+}

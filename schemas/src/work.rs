@@ -1,0 +1,152 @@
+//! Versioned work items, one per stage. Messages carry artifact keys, never media bytes.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::{InputSource, Stage};
+
+/// Current work-item version written by this build.
+pub const WORK_VERSION: u32 = 1;
+/// Oldest work-item version this build still reads.
+pub const MIN_WORK_VERSION: u32 = 1;
+
+fn v1() -> u32 {
+    WORK_VERSION
+}
+
+/// Work for the fetch stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FetchJob {
+    /// Work-item version.
+    #[serde(default = "v1")]
+    pub v: u32,
+    /// Task the work belongs to.
+    pub task_id: String,
+    /// Video input.
+    pub video: InputSource,
+    /// Audio input.
+    pub audio: InputSource,
+}
+
+/// Work for the face stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FaceJob {
+    /// Work-item version.
+    #[serde(default = "v1")]
+    pub v: u32,
+    /// Task the work belongs to.
+    pub task_id: String,
+    /// Artifact key of the original video.
+    pub video: String,
+}
+
+/// Work for the audio stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AudioJob {
+    /// Work-item version.
+    #[serde(default = "v1")]
+    pub v: u32,
+    /// Task the work belongs to.
+    pub task_id: String,
+    /// Artifact key of the 16 kHz mono WAV.
+    pub audio_16k: String,
+}
+
+/// Work for the inference stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferJob {
+    /// Work-item version.
+    #[serde(default = "v1")]
+    pub v: u32,
+    /// Task the work belongs to.
+    pub task_id: String,
+    /// Artifact key of the original video.
+    pub video: String,
+    /// Artifact key of the face track.
+    pub face_track: String,
+    /// Artifact key of the audio features.
+    pub audio_features: String,
+}
+
+/// Work for the mux stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MuxJob {
+    /// Work-item version.
+    #[serde(default = "v1")]
+    pub v: u32,
+    /// Task the work belongs to.
+    pub task_id: String,
+    /// Artifact key of the original video.
+    pub video: String,
+    /// Artifact key of the face track.
+    pub face_track: String,
+    /// Artifact key of the generated crops.
+    pub crops: String,
+    /// Artifact key of the original audio input.
+    pub audio_original: String,
+    /// Artifact key of the 16 kHz mono WAV.
+    pub audio_16k: String,
+}
+
+/// Implemented by every work item: which stage consumes it and which task it serves.
+pub trait WorkItem: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The stage whose queue carries this item.
+    const STAGE: Stage;
+    /// The task the item belongs to.
+    fn task_id(&self) -> &str;
+    /// The item's version.
+    fn version(&self) -> u32;
+}
+
+macro_rules! work_item {
+    ($t:ty, $stage:expr) => {
+        impl WorkItem for $t {
+            const STAGE: Stage = $stage;
+            fn task_id(&self) -> &str {
+                &self.task_id
+            }
+            fn version(&self) -> u32 {
+                self.v
+            }
+        }
+    };
+}
+
+work_item!(FetchJob, Stage::Fetch);
+work_item!(FaceJob, Stage::Face);
+work_item!(AudioJob, Stage::Audio);
+work_item!(InferJob, Stage::Infer);
+work_item!(MuxJob, Stage::Mux);
+
+/// Why a work message could not be read.
+#[derive(Debug)]
+pub enum DecodeError {
+    /// Not JSON of the item's shape.
+    Malformed(serde_json::Error),
+    /// A version this build does not read.
+    UnsupportedVersion(u32),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Malformed(e) => write!(f, "malformed work item: {e}"),
+            DecodeError::UnsupportedVersion(v) => write!(
+                f,
+                "unsupported work item version {v} (this build reads {MIN_WORK_VERSION}..={WORK_VERSION})"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Parse a work item and check its version.
+pub fn decode<T: WorkItem>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let item: T = serde_json::from_slice(bytes).map_err(DecodeError::Malformed)?;
+    let v = item.version();
+    if !(MIN_WORK_VERSION..=WORK_VERSION).contains(&v) {
+        return Err(DecodeError::UnsupportedVersion(v));
+    }
+    Ok(item)
+}
