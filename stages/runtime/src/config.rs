@@ -1,0 +1,449 @@
+//! Layered configuration shared by every binary (design §8):
+//! built-in defaults < `configs/*.toml` (or `--config FILE`) < `LIPSYNC_<SECTION>__<KEY>`
+//! environment variables < `--set section.key=value` flags. Unknown keys are errors.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Exit code for an invalid configuration or command line (`EX_USAGE`).
+pub const EXIT_USAGE: i32 = 64;
+
+/// Environment variables with the `LIPSYNC_` prefix that are not configuration keys.
+const NON_CONFIG_ENV: &[&str] = &["CONFIG", "NATS_SERVER_BIN", "PYTHON"];
+
+/// The whole configuration. Each binary reads the sections it needs; all binaries accept
+/// the same file so one `configs/default.toml` serves a deployment.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// NATS connection and JetStream topology.
+    pub nats: NatsConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Stage runner behaviour shared by all stages.
+    pub runner: RunnerConfig,
+    /// Artifact store.
+    pub artifacts: ArtifactsConfig,
+    /// Task records.
+    pub tasks: TasksConfig,
+    /// Fetch stage.
+    pub fetch: FetchConfig,
+    /// HTTP gateway.
+    pub gateway: GatewayConfig,
+}
+
+/// NATS connection and JetStream topology settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL(s), comma separated. Default `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// Give up connecting after this many seconds at start-up. Default 30.
+    pub connect_timeout_s: u64,
+    /// Stream/bucket replicas: 1 for a single server, 3 in a cluster. Default 1.
+    pub replicas: usize,
+    /// Most messages the work stream holds; a full stream rejects new work (503).
+    /// Default 10000.
+    pub max_queued_jobs: i64,
+    /// Seconds a delivered job may go without an ack or progress ack before redelivery.
+    /// Default 60.
+    pub ack_wait_s: u64,
+    /// Deliveries of one job before the task fails with `retries_exhausted`. Default 5.
+    pub max_deliver: i64,
+    /// Duplicate window of the work stream in seconds (Msg-Id dedup). Default 600.
+    pub duplicate_window_s: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            connect_timeout_s: 30,
+            replicas: 1,
+            max_queued_jobs: 10_000,
+            ack_wait_s: 60,
+            max_deliver: 5,
+            duplicate_window_s: 600,
+        }
+    }
+}
+
+/// Log output settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `pretty`, `compact` or `json`. Default `compact`.
+    pub format: LogFormat,
+    /// tracing `EnvFilter` directive; `RUST_LOG` wins when set. Default `info`.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Compact,
+            filter: "info".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Multi-line, human-friendly.
+    Pretty,
+    /// One line per event.
+    Compact,
+    /// One JSON object per event.
+    Json,
+}
+
+/// Stage runner behaviour.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunnerConfig {
+    /// First NAK delay for a transient error in seconds; doubles per delivery. Default 2.
+    pub nak_delay_s: f64,
+    /// Upper bound of the NAK delay in seconds. Default 60.
+    pub nak_delay_max_s: f64,
+    /// Seconds in-flight jobs get to finish on SIGINT/SIGTERM before they are NAKed.
+    /// Default 20.
+    pub shutdown_grace_s: u64,
+    /// Longest wait of one pull request in seconds. Default 5.
+    pub pull_expires_s: u64,
+    /// Minimum milliseconds between two progress writes of one job. Default 500.
+    pub progress_interval_ms: u64,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            nak_delay_s: 2.0,
+            nak_delay_max_s: 60.0,
+            shutdown_grace_s: 20,
+            pull_expires_s: 5,
+            progress_interval_ms: 500,
+        }
+    }
+}
+
+/// Artifact store settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArtifactsConfig {
+    /// Retention of inputs, intermediates and outputs in seconds. Default 604800 (7 days).
+    pub ttl_s: u64,
+    /// Bucket size cap in bytes; -1 for none. Default -1.
+    pub max_bytes: i64,
+    /// Local scratch directory for stages (temp files). Default: the system temp dir.
+    pub scratch_dir: Option<PathBuf>,
+}
+
+impl Default for ArtifactsConfig {
+    fn default() -> Self {
+        Self {
+            ttl_s: 7 * 24 * 3600,
+            max_bytes: -1,
+            scratch_dir: None,
+        }
+    }
+}
+
+/// Task record settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TasksConfig {
+    /// How long task records are kept in seconds. Default 604800 (7 days).
+    pub ttl_s: u64,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        Self {
+            ttl_s: 7 * 24 * 3600,
+        }
+    }
+}
+
+/// Fetch stage settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchConfig {
+    /// Address of the health/metrics endpoint. Default `127.0.0.1:9101`.
+    pub listen: SocketAddr,
+    /// Jobs handled at once per process. Default 4.
+    pub concurrency: usize,
+    /// Allow downloads from loopback/private networks (tests, local demos). Default false.
+    pub allow_private_networks: bool,
+    /// Extra networks allowed despite the private-address guard, as CIDRs. Default none.
+    pub allow_cidrs: Vec<String>,
+    /// Largest accepted input in bytes. Default 2 GiB.
+    pub max_bytes: u64,
+    /// TCP connect timeout in seconds. Default 10.
+    pub connect_timeout_s: u64,
+    /// Longest silence while reading a response in seconds. Default 30.
+    pub read_timeout_s: u64,
+    /// Whole-download time limit in seconds. Default 600.
+    pub total_timeout_s: u64,
+    /// Redirects followed at most. Default 5.
+    pub max_redirects: usize,
+    /// Longest URL accepted. Default 2048.
+    pub max_url_len: usize,
+    /// Longest accepted input duration in seconds. Default 600.
+    pub max_duration_s: f64,
+    /// Shortest accepted audio duration in seconds. Default 0.5.
+    pub min_audio_duration_s: f64,
+    /// Largest accepted video width. Default 3840.
+    pub max_width: u32,
+    /// Largest accepted video height. Default 3840.
+    pub max_height: u32,
+    /// Most video frames at 25 fps. Default 15000 (10 min).
+    pub max_frames: u64,
+    /// Time limit of one ffprobe/ffmpeg run in seconds. Default 300.
+    pub tool_timeout_s: u64,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9101)),
+            concurrency: 4,
+            allow_private_networks: false,
+            allow_cidrs: Vec::new(),
+            max_bytes: 2 << 30,
+            connect_timeout_s: 10,
+            read_timeout_s: 30,
+            total_timeout_s: 600,
+            max_redirects: 5,
+            max_url_len: 2048,
+            max_duration_s: 600.0,
+            min_audio_duration_s: 0.5,
+            max_width: 3840,
+            max_height: 3840,
+            max_frames: 15_000,
+            tool_timeout_s: 300,
+        }
+    }
+}
+
+/// HTTP gateway settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Address the API listens on. Default `0.0.0.0:8000` (the seed's port).
+    pub listen: SocketAddr,
+    /// Bearer API keys; empty means the API is open (a warning is logged).
+    pub api_keys: Vec<String>,
+    /// Largest JSON request body in bytes. Default 65536.
+    pub max_json_body_bytes: usize,
+    /// Largest multipart upload (both files) in bytes. Default 2 GiB.
+    pub max_upload_bytes: u64,
+    /// Requests per second allowed per API key (or per client address when open); 0 = no
+    /// limit. Default 0.
+    pub rate_limit_per_s: u32,
+    /// Burst size of the rate limit. Default 50.
+    pub rate_limit_burst: u32,
+    /// Allowed CORS origins; `*` allows any. Default none (same-origin only).
+    pub cors_origins: Vec<String>,
+    /// Secret for webhook HMAC-SHA256 signatures; webhooks are refused when empty.
+    pub webhook_secret: String,
+    /// Webhook delivery attempts. Default 5.
+    pub webhook_max_attempts: u32,
+    /// Webhook request timeout in seconds. Default 10.
+    pub webhook_timeout_s: u64,
+    /// Model names clients may request via `inference_ckpt_path` (first is the default).
+    /// Default `["latentsync-1.6", "latentsync-1.5", "tiny"]`.
+    pub models: Vec<String>,
+    /// Default DDIM steps. Default 20.
+    pub default_steps: u32,
+    /// Default guidance scale. Default 1.5.
+    pub default_guidance: f64,
+    /// Whole-request time limit in seconds (uploads excluded). Default 30.
+    pub request_timeout_s: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
+            api_keys: Vec::new(),
+            max_json_body_bytes: 64 * 1024,
+            max_upload_bytes: 2 << 30,
+            rate_limit_per_s: 0,
+            rate_limit_burst: 50,
+            cors_origins: Vec::new(),
+            webhook_secret: String::new(),
+            webhook_max_attempts: 5,
+            webhook_timeout_s: 10,
+            models: vec![
+                "latentsync-1.6".into(),
+                "latentsync-1.5".into(),
+                "tiny".into(),
+            ],
+            default_steps: 20,
+            default_guidance: 1.5,
+            request_timeout_s: 30,
+        }
+    }
+}
+
+/// Command-line flags every binary accepts.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// Configuration file(s), merged in order over the defaults (default:
+    /// `configs/default.toml` when it exists).
+    #[arg(long = "config", env = "LIPSYNC_CONFIG", value_delimiter = ',')]
+    pub config: Vec<PathBuf>,
+    /// Override one key, e.g. `--set fetch.max_bytes=1000000`; repeatable.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// Load a configuration of type `C` from the layers described in the module docs.
+pub fn load<C>(args: &ConfigArgs) -> Result<C, ConfigError>
+where
+    C: Default + Serialize + DeserializeOwned,
+{
+    let mut fig = Figment::from(Serialized::defaults(C::default()));
+    let files: Vec<PathBuf> = if args.config.is_empty() {
+        let default = Path::new("configs/default.toml");
+        if default.exists() {
+            vec![default.to_path_buf()]
+        } else {
+            Vec::new()
+        }
+    } else {
+        args.config.clone()
+    };
+    for f in &files {
+        if !f.exists() {
+            return Err(ConfigError(format!(
+                "config file {} does not exist",
+                f.display()
+            )));
+        }
+        fig = fig.merge(Toml::file_exact(f));
+    }
+    fig = fig.merge(
+        Env::prefixed("LIPSYNC_")
+            .split("__")
+            .ignore(NON_CONFIG_ENV)
+            .filter(|k| k.as_str().contains('.')),
+    );
+    for kv in &args.set {
+        let (key, value) = kv
+            .split_once('=')
+            .ok_or_else(|| ConfigError(format!("`--set {kv}`: expected SECTION.KEY=VALUE")))?;
+        let doc = set_flag_toml(key.trim(), value.trim());
+        fig = fig.merge(Toml::string(&doc));
+    }
+    fig.extract::<C>().map_err(|e| ConfigError(e.to_string()))
+}
+
+/// Turn `key=value` into a TOML line, quoting the value when it is not a TOML value.
+fn set_flag_toml(key: &str, value: &str) -> String {
+    let as_value = format!("v = {value}");
+    if value.parse::<toml::Value>().is_ok() || toml::from_str::<toml::Table>(&as_value).is_ok() {
+        format!("{key} = {value}")
+    } else {
+        format!("{key} = {}", toml::Value::String(value.to_owned()))
+    }
+}
+
+/// Load the configuration or exit: prints the effective config and exits 0 on
+/// `--print-config`, prints the problem and exits 64 on an invalid one.
+pub fn load_or_exit<C>(args: &ConfigArgs) -> C
+where
+    C: Default + Serialize + DeserializeOwned,
+{
+    match load::<C>(args) {
+        Ok(cfg) => {
+            if args.print_config {
+                match toml::to_string_pretty(&cfg) {
+                    Ok(s) => {
+                        print!("{s}");
+                        std::process::exit(0);
+                    }
+                    Err(e) => {
+                        eprintln!("error: cannot print configuration: {e}");
+                        std::process::exit(EXIT_USAGE);
+                    }
+                }
+            }
+            cfg
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(EXIT_USAGE);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_flags_quote_strings_only_when_needed() {
+        assert_eq!(set_flag_toml("a.b", "3"), "a.b = 3");
+        assert_eq!(set_flag_toml("a.b", "true"), "a.b = true");
+        assert_eq!(set_flag_toml("a.b", "json"), "a.b = \"json\"");
+        assert_eq!(
+            set_flag_toml("nats.url", "nats://x:1"),
+            "nats.url = \"nats://x:1\""
+        );
+    }
+
+    #[test]
+    fn cli_set_wins_and_unknown_keys_fail() {
+        let args = ConfigArgs {
+            config: vec![PathBuf::from("/nonexistent/never.toml")],
+            ..Default::default()
+        };
+        assert!(load::<Config>(&args).is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "[fetch]\nmax_bytes = 10\nconcurrency = 2\n").unwrap();
+        let args = ConfigArgs {
+            config: vec![f.clone()],
+            set: vec!["fetch.concurrency=7".into(), "log.format=json".into()],
+            print_config: false,
+        };
+        let cfg: Config = load(&args).unwrap();
+        assert_eq!(cfg.fetch.max_bytes, 10);
+        assert_eq!(cfg.fetch.concurrency, 7);
+        assert_eq!(cfg.log.format, LogFormat::Json);
+
+        std::fs::write(&f, "[fetch]\nmax_bytez = 10\n").unwrap();
+        let err = load::<Config>(&ConfigArgs {
+            config: vec![f.clone()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.0.contains("max_bytez"), "{err}");
+
+        std::fs::write(&f, "[nope]\nx = 1\n").unwrap();
+        assert!(
+            load::<Config>(&ConfigArgs {
+                config: vec![f],
+                ..Default::default()
+            })
+            .is_err()
+        );
+    }
+}
