@@ -4,13 +4,15 @@
 mod error;
 pub mod names;
 mod task;
+mod track;
 mod work;
 
 pub use error::{ErrorCode, TaskError};
 pub use task::{
-    InputSource, JoinState, MediaSummary, ProgressEvent, Status, StageTiming, TASK_RECORD_VERSION,
+    InputSource, JoinState, MediaSummary, ProgressEvent, StageTiming, Status, TASK_RECORD_VERSION,
     TaskRecord, TaskRequest,
 };
+pub use track::{FACE_TRACK_VERSION, FaceFrame, FaceTrack};
 pub use work::{
     AudioJob, DecodeError, FaceJob, FetchJob, InferJob, MIN_WORK_VERSION, MuxJob, WORK_VERSION,
     WorkItem, decode,

@@ -116,7 +116,12 @@ fn status_words_are_the_seed_words() {
     .collect();
     assert_eq!(
         words,
-        ["\"queued\"", "\"processing\"", "\"completed\"", "\"failed\""]
+        [
+            "\"queued\"",
+            "\"processing\"",
+            "\"completed\"",
+            "\"failed\""
+        ]
     );
 }
 
@@ -127,7 +132,10 @@ fn progress_bands_are_contiguous_and_monotonic() {
     assert!((Stage::Audio.progress_at(1.0) - Stage::Infer.progress_at(0.0)).abs() < 1e-12);
     assert!((Stage::Infer.progress_at(1.0) - Stage::Mux.progress_at(0.0)).abs() < 1e-12);
     assert_eq!(Stage::Mux.progress_at(1.0), 1.0);
-    assert_eq!(Stage::Infer.progress_at(f64::NAN), Stage::Infer.progress_at(0.0));
+    assert_eq!(
+        Stage::Infer.progress_at(f64::NAN),
+        Stage::Infer.progress_at(0.0)
+    );
 }
 
 #[test]

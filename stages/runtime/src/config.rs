@@ -10,6 +10,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use crate::stagecfg::{AudioConfig, FaceConfig, InferConfig, ModelsConfig, MuxConfig};
+
 /// Exit code for an invalid configuration or command line (`EX_USAGE`).
 pub const EXIT_USAGE: i32 = 64;
 
@@ -35,6 +37,16 @@ pub struct Config {
     pub fetch: FetchConfig,
     /// HTTP gateway.
     pub gateway: GatewayConfig,
+    /// Face stage.
+    pub face: FaceConfig,
+    /// Audio stage.
+    pub audio: AudioConfig,
+    /// Inference stage.
+    pub infer: InferConfig,
+    /// Mux stage.
+    pub mux: MuxConfig,
+    /// Model profile selection.
+    pub models: ModelsConfig,
 }
 
 /// NATS connection and JetStream topology settings.

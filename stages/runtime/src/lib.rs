@@ -4,11 +4,14 @@
 
 pub mod artifacts;
 pub mod config;
+pub mod features;
+pub mod media;
 pub mod metrics;
 pub mod nats;
 pub mod ops;
 pub mod runner;
 pub mod shutdown;
+mod stagecfg;
 pub mod tasks;
 pub mod telemetry;
 

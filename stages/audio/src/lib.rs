@@ -1,0 +1,1 @@
+//! lipsync audio stage (being built).

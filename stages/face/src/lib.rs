@@ -1,0 +1,1 @@
+//! lipsync face stage (being built).

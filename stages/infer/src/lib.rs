@@ -1,0 +1,1 @@
+//! lipsync infer stage (being built).

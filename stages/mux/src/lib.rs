@@ -1,0 +1,1 @@
+//! lipsync mux stage (being built).
