@@ -229,3 +229,17 @@ if ((${#problems[@]})); then
     for p in "${problems[@]}"; do say "ERROR: $p"; done
     die "set-up incomplete"
 fi
+
+# --------------------------------------------------------------------------
+# 6. Project assets: every scripts/setup.d/*.sh in name order (models, detector
+#    weights, test media). Each is idempotent and quiet, runs with .local/env.sh
+#    sourced, and may use the venv python ($LIPSYNC_PYTHON).
+# --------------------------------------------------------------------------
+if [[ -d scripts/setup.d ]]; then
+    # shellcheck disable=SC1091
+    . "$env_file"
+    for step in scripts/setup.d/*.sh; do
+        [[ -e "$step" ]] || continue
+        bash "$step" || die "$step failed"
+    done
+fi

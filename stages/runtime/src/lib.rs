@@ -5,6 +5,7 @@
 pub mod artifacts;
 pub mod config;
 pub mod features;
+pub mod join;
 pub mod media;
 pub mod metrics;
 pub mod nats;
