@@ -8,6 +8,7 @@ pub mod features;
 pub mod join;
 pub mod media;
 pub mod metrics;
+pub mod models;
 pub mod nats;
 pub mod ops;
 pub mod runner;

@@ -11,11 +11,9 @@ pub struct ModelsConfig {
     /// `latentsync-1.6`, `latentsync-1.5`, `tiny` or `auto` (best installed real profile,
     /// else `tiny` with a loud warning). Default `auto`.
     pub profile: String,
-    /// The model manifest. Default `models/manifest.toml`.
+    /// The model manifest; profile directories are relative to its folder. Default
+    /// `models/manifest.toml`.
     pub manifest: PathBuf,
-    /// Directory holding one folder per profile with its files. Default
-    /// `models/generated`.
-    pub dir: PathBuf,
 }
 
 impl Default for ModelsConfig {
@@ -23,7 +21,6 @@ impl Default for ModelsConfig {
         Self {
             profile: "auto".into(),
             manifest: PathBuf::from("models/manifest.toml"),
-            dir: PathBuf::from("models/generated"),
         }
     }
 }
