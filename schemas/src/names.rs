@@ -52,7 +52,7 @@ pub mod artifact {
     /// Whisper encoder features.
     pub const AUDIO_FEATURES: &str = "audio_features.bin";
     /// Generated face crops.
-    pub const CROPS: &str = "crops.bin";
+    pub const CROPS: &str = "crops.mkv";
     /// The final result video.
     pub const RESULT: &str = "result.mp4";
     /// The blend-mask video.

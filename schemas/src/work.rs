@@ -86,6 +86,17 @@ pub struct MuxJob {
     pub audio_original: String,
     /// Artifact key of the 16 kHz mono WAV.
     pub audio_16k: String,
+    /// Number of output frames (the crops artifact has exactly this many).
+    #[serde(default)]
+    pub output_frames: u64,
+    /// How output frames map to video frames: `pingpong`, `loop` or `cut`
+    /// (the runtime's `media::frame_map`).
+    #[serde(default = "pingpong")]
+    pub length_mode: String,
+}
+
+fn pingpong() -> String {
+    "pingpong".to_owned()
 }
 
 /// Implemented by every work item: which stage consumes it and which task it serves.
