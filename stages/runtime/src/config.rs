@@ -211,9 +211,9 @@ pub struct FetchConfig {
     pub max_duration_s: f64,
     /// Shortest accepted audio duration in seconds. Default 0.5.
     pub min_audio_duration_s: f64,
-    /// Largest accepted video width. Default 3840.
+    /// Largest accepted video width (either orientation). Default 3840.
     pub max_width: u32,
-    /// Largest accepted video height. Default 3840.
+    /// Largest accepted video height (either orientation). Default 2160.
     pub max_height: u32,
     /// Most video frames at 25 fps. Default 15000 (10 min).
     pub max_frames: u64,
@@ -237,7 +237,7 @@ impl Default for FetchConfig {
             max_duration_s: 600.0,
             min_audio_duration_s: 0.5,
             max_width: 3840,
-            max_height: 3840,
+            max_height: 2160,
             max_frames: 15_000,
             tool_timeout_s: 300,
         }
