@@ -1,0 +1,301 @@
+//! Request and response bodies of the HTTP API, with their OpenAPI schemas.
+//!
+//! Unknown fields in request bodies are ignored (as the seed's FastAPI server does), so
+//! clients written for newer versions keep working.
+
+use lipsync_schemas::{InputSource, Stage, Status, TaskRecord};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::{RefOr, schema::SchemaType};
+
+/// Lowest accepted `inference_steps`.
+pub const MIN_STEPS: u32 = 1;
+/// Highest accepted `inference_steps`.
+pub const MAX_STEPS: u32 = 100;
+/// Lowest accepted `guidance_scale`.
+pub const MIN_GUIDANCE: f64 = 1.0;
+/// Highest accepted `guidance_scale`.
+pub const MAX_GUIDANCE: f64 = 5.0;
+
+/// `POST /sync` JSON body (the seed's fields plus `webhook_url`).
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct SyncRequest {
+    /// http(s) URL of the video whose mouth is re-rendered.
+    #[schema(example = "https://example.com/video.mp4")]
+    pub video_url: String,
+    /// http(s) URL of the audio (any media with an audio stream).
+    #[schema(example = "https://example.com/audio.wav")]
+    pub audio_url: String,
+    /// Name of a model the server has configured (see `GET /docs`); default: the first
+    /// configured model. File paths are never opened.
+    #[serde(default)]
+    #[schema(nullable)]
+    pub inference_ckpt_path: Option<String>,
+    /// DDIM steps, 1-100 (default from the server config, 20).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 100, nullable)]
+    pub inference_steps: Option<u32>,
+    /// Classifier-free guidance scale, 1.0-5.0 (default from the server config, 1.5).
+    #[serde(default)]
+    #[schema(minimum = 1.0, maximum = 5.0, nullable)]
+    pub guidance_scale: Option<f64>,
+    /// Noise seed (non-negative); default: chosen by the server.
+    #[serde(default)]
+    #[schema(minimum = 0, nullable)]
+    pub seed: Option<u64>,
+    /// Where to POST the final task record (HMAC-SHA256 signed); needs a configured secret.
+    #[serde(default)]
+    #[schema(nullable)]
+    pub webhook_url: Option<String>,
+}
+
+/// `POST /sync` multipart body: files instead of URLs.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct SyncUpload {
+    /// The video file.
+    #[schema(format = Binary, content_media_type = "application/octet-stream")]
+    pub video: String,
+    /// The audio file.
+    #[schema(format = Binary, content_media_type = "application/octet-stream")]
+    pub audio: String,
+    /// As in the JSON body.
+    pub inference_ckpt_path: Option<String>,
+    /// As in the JSON body.
+    #[schema(minimum = 1, maximum = 100)]
+    pub inference_steps: Option<u32>,
+    /// As in the JSON body.
+    #[schema(minimum = 1.0, maximum = 5.0)]
+    pub guidance_scale: Option<f64>,
+    /// As in the JSON body.
+    #[schema(minimum = 0)]
+    pub seed: Option<u64>,
+    /// As in the JSON body.
+    pub webhook_url: Option<String>,
+}
+
+/// `POST /sync` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SyncResponse {
+    /// The new task's id (UUID v4).
+    pub task_id: String,
+    /// Tasks ahead of this one that have not reached the GPU (0-based); null if this task
+    /// (an idempotent replay) is past that point.
+    #[schema(nullable)]
+    pub queue_position: Option<u64>,
+    /// Status word: `queued` for a new task.
+    #[schema(schema_with = status_schema)]
+    pub status: String,
+    /// Human-readable note.
+    pub message: String,
+}
+
+/// Error of a failed task.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TaskErrorView {
+    /// Machine-readable code (closed set, e.g. `no_face_detected`, `cancelled`).
+    #[schema(schema_with = task_error_code_schema)]
+    pub code: String,
+    /// Human-readable message.
+    pub message: String,
+    /// Whether submitting again may help.
+    pub retryable: bool,
+    /// For `no_face_detected`: first frame without a face.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame_index: Option<u64>,
+    /// For `no_face_detected`: that frame's time in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_s: Option<f64>,
+}
+
+/// The accepted request parameters of a task.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RequestView {
+    /// Video URL, or null for an upload.
+    #[schema(nullable)]
+    pub video_url: Option<String>,
+    /// Audio URL, or null for an upload.
+    #[schema(nullable)]
+    pub audio_url: Option<String>,
+    /// Model name.
+    pub inference_ckpt_path: String,
+    /// DDIM steps.
+    pub inference_steps: u32,
+    /// Guidance scale.
+    pub guidance_scale: f64,
+    /// Seed, null when chosen by the server.
+    #[schema(nullable)]
+    pub seed: Option<u64>,
+    /// Webhook target, if any.
+    #[schema(nullable)]
+    pub webhook_url: Option<String>,
+}
+
+/// A task as served by `GET /task/{task_id}`, the WebSockets and webhooks.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TaskView {
+    /// UUID v4.
+    pub task_id: String,
+    /// `queued`, `processing`, `completed` or `failed` (a cancelled task is `failed` with
+    /// `error.code = "cancelled"`).
+    #[schema(schema_with = status_schema)]
+    pub status: String,
+    /// Stage working on the task now (or last): fetch, face, audio, infer, mux.
+    #[schema(schema_with = stage_schema)]
+    pub stage: Option<String>,
+    /// 0.0-1.0, never decreasing.
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub progress: f64,
+    /// Human-readable state.
+    pub message: String,
+    /// Tasks ahead of this one not yet on the GPU (0-based); null once it reached the GPU.
+    #[schema(nullable)]
+    pub queue_position: Option<u64>,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+    /// RFC 3339 time the first stage started.
+    #[schema(nullable)]
+    pub started_at: Option<String>,
+    /// RFC 3339 end time.
+    #[schema(nullable)]
+    pub finished_at: Option<String>,
+    /// Creation time, epoch seconds.
+    pub start_time: f64,
+    /// End time, epoch seconds.
+    #[schema(nullable)]
+    pub end_time: Option<f64>,
+    /// `/outputs/{task_id}/result.mp4` once completed.
+    #[schema(nullable)]
+    pub output_video_url: Option<String>,
+    /// `/outputs/{task_id}/mask.mp4` once completed.
+    #[schema(nullable)]
+    pub output_mask_url: Option<String>,
+    /// Set when `status` is `failed`.
+    #[schema(nullable)]
+    pub error: Option<TaskErrorView>,
+    /// The accepted request.
+    pub request: RequestView,
+    /// Notices (e.g. a test model is in use).
+    pub warnings: Vec<String>,
+}
+
+impl TaskView {
+    /// The public view of a record with the queue position filled in.
+    pub fn from_record(r: &TaskRecord, queue_position: Option<u64>) -> Self {
+        let url = |s: &InputSource| match s {
+            InputSource::Url(u) => Some(u.clone()),
+            InputSource::Artifact(_) => None,
+        };
+        TaskView {
+            task_id: r.task_id.clone(),
+            status: r.status.as_str().to_owned(),
+            stage: r.stage.map(|s| s.as_str().to_owned()),
+            progress: r.progress,
+            message: r.message.clone(),
+            queue_position,
+            created_at: r.created_at.clone(),
+            started_at: r.started_at.clone(),
+            finished_at: r.finished_at.clone(),
+            start_time: r.start_time,
+            end_time: r.end_time,
+            output_video_url: r.output_video_url.clone(),
+            output_mask_url: r.output_mask_url.clone(),
+            error: r.error.as_ref().map(|e| TaskErrorView {
+                code: e.code.as_str().to_owned(),
+                message: e.message.clone(),
+                retryable: e.retryable,
+                frame_index: e.frame_index,
+                time_s: e.time_s,
+            }),
+            request: RequestView {
+                video_url: url(&r.request.video),
+                audio_url: url(&r.request.audio),
+                inference_ckpt_path: r.request.model.clone(),
+                inference_steps: r.request.inference_steps,
+                guidance_scale: r.request.guidance_scale,
+                seed: r.request.seed,
+                webhook_url: r.request.webhook_url.clone(),
+            },
+            warnings: r.warnings.clone(),
+        }
+    }
+}
+
+/// One waiting task in `GET /queue`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct QueuedTask {
+    /// Task id.
+    pub task_id: String,
+    /// 0-based position in submission order.
+    pub position: u64,
+}
+
+/// `GET /queue` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct QueueResponse {
+    /// Tasks that have not reached the GPU yet.
+    pub queue_length: u64,
+    /// Whether a task is on the GPU now.
+    pub is_processing: bool,
+    /// The waiting tasks in submission order.
+    pub queued_tasks: Vec<QueuedTask>,
+}
+
+/// `GET /health` answer (the public implementation's shape).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HealthResponse {
+    /// Always `healthy` while the process serves requests.
+    pub status: String,
+}
+
+/// `GET /readyz` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ReadyResponse {
+    /// `ready` or `not_ready`.
+    pub status: String,
+    /// Whether NATS is connected.
+    pub nats: bool,
+    /// Whether the task index finished its initial load.
+    pub index_loaded: bool,
+}
+
+fn enum_schema(values: &[&str], nullable: bool) -> RefOr<Schema> {
+    let ty = if nullable {
+        SchemaType::from_iter([Type::String, Type::Null])
+    } else {
+        SchemaType::Type(Type::String)
+    };
+    let mut vals: Vec<Option<&str>> = values.iter().copied().map(Some).collect();
+    if nullable {
+        vals.push(None);
+    }
+    ObjectBuilder::new()
+        .schema_type(ty)
+        .enum_values(Some(vals))
+        .into()
+}
+
+fn status_schema() -> RefOr<Schema> {
+    let all = [
+        Status::Queued,
+        Status::Processing,
+        Status::Completed,
+        Status::Failed,
+    ];
+    let names: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
+    enum_schema(&names, false)
+}
+
+fn stage_schema() -> RefOr<Schema> {
+    let names: Vec<&str> = Stage::ALL.iter().map(|s| s.as_str()).collect();
+    enum_schema(&names, true)
+}
+
+fn task_error_code_schema() -> RefOr<Schema> {
+    let names: Vec<&str> = lipsync_schemas::ErrorCode::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .collect();
+    enum_schema(&names, false)
+}
