@@ -285,15 +285,28 @@ where
 
         let mut body = response.bytes_stream();
         let mut bytes: u64 = 0;
+        // One timer for the whole body. It is not re-armed per chunk (timer churn on the
+        // hot path): when it fires, it is moved to `last data + read_timeout` unless the
+        // body really was silent that long, so the timeout stays exact.
+        let idle = tokio::time::sleep(limits.read_timeout);
+        tokio::pin!(idle);
+        let mut last_data = Instant::now();
         loop {
-            let next = match tokio::time::timeout(limits.read_timeout, body.next()).await {
-                Err(_) => {
-                    return Err(DownloadError::DownloadTimeout {
-                        phase: TimeoutPhase::Body,
-                    });
+            let next = tokio::select! {
+                biased;
+                next = body.next() => next,
+                _ = &mut idle => {
+                    let due = last_data + limits.read_timeout;
+                    if Instant::now() >= due {
+                        return Err(DownloadError::DownloadTimeout {
+                            phase: TimeoutPhase::Body,
+                        });
+                    }
+                    idle.as_mut().reset(due);
+                    continue;
                 }
-                Ok(next) => next,
             };
+            last_data = Instant::now();
             let chunk = match next {
                 None => break,
                 Some(Err(e)) => return Err(DownloadError::from_reqwest(&e, TimeoutPhase::Body)),
