@@ -1,0 +1,299 @@
+//! Face detectors with landmarks on ONNX Runtime: model-specific input preparation
+//! ([`InputSpec`], run on the decoder thread), batched inference, our own anchor
+//! decoding and non-maximum suppression.
+
+mod blazeface;
+mod insightface;
+mod retinaface;
+pub mod session;
+
+use std::path::PathBuf;
+
+pub use blazeface::BlazeFace;
+pub use insightface::InsightFace;
+pub use retinaface::RetinaFace;
+
+use crate::error::Result;
+use crate::geometry::bbox;
+
+/// One detected face in frame pixels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detection {
+    /// `[x1, y1, x2, y2]`.
+    pub bbox: [f32; 4],
+    /// Detector confidence in [0, 1].
+    pub score: f32,
+    /// Landmarks in the detector's [`Layout`].
+    pub landmarks: Vec<[f32; 2]>,
+}
+
+/// Which landmarks a detector returns (decides how alignment anchors are derived).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// RetinaFace / SCRFD: image-left eye, image-right eye, nose tip, mouth corners.
+    Five,
+    /// BlazeFace: image-left eye, image-right eye, nose tip, mouth centre, two ear points.
+    Six,
+    /// InsightFace 2d106det.
+    Dense106,
+}
+
+/// Tensor layout of a model input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorLayout {
+    /// `[B, 3, H, W]`.
+    Nchw,
+    /// `[B, H, W, 3]`.
+    Nhwc,
+}
+
+/// How one frame becomes model input: scaled with its aspect kept into the top-left of
+/// an `in_w` x `in_h` canvas, the rest filled with `pad`, then `(px - mean) / std` per
+/// channel (RGB order, or BGR when `bgr`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputSpec {
+    /// Model input width.
+    pub in_w: usize,
+    /// Model input height.
+    pub in_h: usize,
+    /// Input pixels per frame pixel.
+    pub scale: f64,
+    /// Tensor layout.
+    pub layout: TensorLayout,
+    /// Channel order blue, green, red.
+    pub bgr: bool,
+    /// Subtracted per channel (in the model's channel order).
+    pub mean: [f32; 3],
+    /// Divisor per channel.
+    pub std: [f32; 3],
+    /// Raw RGB value of the canvas outside the frame.
+    pub pad: [u8; 3],
+}
+
+impl InputSpec {
+    /// Floats per prepared frame.
+    pub fn len(&self) -> usize {
+        self.in_w * self.in_h * 3
+    }
+
+    /// Whether the spec describes an empty input.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fits a `width` x `height` frame into `target` x `target` (scaled so the longer side
+    /// fits), with the canvas rounded up to a multiple of `align` (0 = exactly `target`
+    /// square).
+    pub fn fit(width: u32, height: u32, target: u32, align: u32) -> (usize, usize, f64) {
+        let scale = f64::from(target) / f64::from(width.max(height));
+        if align == 0 {
+            return (target as usize, target as usize, scale);
+        }
+        let round_up = |v: f64| -> usize {
+            let v = v.round().max(1.0) as u32;
+            v.div_ceil(align) as usize * align as usize
+        };
+        (
+            round_up(f64::from(width) * scale),
+            round_up(f64::from(height) * scale),
+            scale,
+        )
+    }
+
+    /// Appends one prepared frame (RGB24, `width` x `height`) to `out`.
+    pub fn prepare(&self, frame: &[u8], width: usize, height: usize, out: &mut Vec<f32>) {
+        let start = out.len();
+        out.resize(start + self.len(), 0.0);
+        let dst = &mut out[start..];
+        let plane = self.in_w * self.in_h;
+        let order: [usize; 3] = if self.bgr { [2, 1, 0] } else { [0, 1, 2] };
+        let norm = |c: usize, v: f32| (v - self.mean[c]) / self.std[c];
+        let pad: [f32; 3] = [0, 1, 2].map(|c| norm(c, f32::from(self.pad[order[c]])));
+        // Frame area inside the canvas.
+        let vis_w = ((width as f64 * self.scale).round() as usize).min(self.in_w);
+        let vis_h = ((height as f64 * self.scale).round() as usize).min(self.in_h);
+        // Box-filtered bilinear sampling: with strong down-scaling, average k x k
+        // bilinear taps per output pixel to avoid aliasing.
+        let inv = 1.0 / self.scale;
+        let taps = (inv.ceil() as usize).clamp(1, 4);
+        let mut rgb = [0f32; 3];
+        for y in 0..self.in_h {
+            for x in 0..self.in_w {
+                let inside = x < vis_w && y < vis_h;
+                if inside {
+                    rgb = [0.0; 3];
+                    for ty in 0..taps {
+                        let sy = (y as f64 + (ty as f64 + 0.5) / taps as f64) * inv - 0.5;
+                        for tx in 0..taps {
+                            let sx = (x as f64 + (tx as f64 + 0.5) / taps as f64) * inv - 0.5;
+                            let px = bilinear(frame, width, height, sx, sy);
+                            rgb[0] += px[0];
+                            rgb[1] += px[1];
+                            rgb[2] += px[2];
+                        }
+                    }
+                    let n = (taps * taps) as f32;
+                    rgb = rgb.map(|v| v / n);
+                }
+                for c in 0..3 {
+                    let v = if inside {
+                        norm(c, rgb[order[c]])
+                    } else {
+                        pad[c]
+                    };
+                    let idx = match self.layout {
+                        TensorLayout::Nchw => c * plane + y * self.in_w + x,
+                        TensorLayout::Nhwc => (y * self.in_w + x) * 3 + c,
+                    };
+                    dst[idx] = v;
+                }
+            }
+        }
+    }
+}
+
+fn bilinear(frame: &[u8], width: usize, height: usize, sx: f64, sy: f64) -> [f32; 3] {
+    let sx = sx.clamp(0.0, (width - 1) as f64);
+    let sy = sy.clamp(0.0, (height - 1) as f64);
+    let x0 = sx.floor() as usize;
+    let y0 = sy.floor() as usize;
+    let x1 = (x0 + 1).min(width - 1);
+    let y1 = (y0 + 1).min(height - 1);
+    let fx = (sx - x0 as f64) as f32;
+    let fy = (sy - y0 as f64) as f32;
+    let at = |x: usize, y: usize, c: usize| f32::from(frame[(y * width + x) * 3 + c]);
+    [0, 1, 2].map(|c| {
+        let top = at(x0, y0, c) * (1.0 - fx) + at(x1, y0, c) * fx;
+        let bottom = at(x0, y1, c) * (1.0 - fx) + at(x1, y1, c) * fx;
+        top * (1.0 - fy) + bottom * fy
+    })
+}
+
+/// A batch of frames ready for a detector.
+pub struct Batch {
+    /// Index of the first frame in the video.
+    pub first: u64,
+    /// Frames in the batch.
+    pub count: usize,
+    /// Prepared inputs, `count` x [`InputSpec::len`] floats.
+    pub input: Vec<f32>,
+    /// The raw RGB frames, kept only when the detector or a preview needs them.
+    pub frames: Vec<Vec<u8>>,
+}
+
+/// A face detector with landmarks.
+pub trait Detector: Send {
+    /// Short name recorded in the face track.
+    fn name(&self) -> &'static str;
+    /// Landmark layout of its detections.
+    fn layout(&self) -> Layout;
+    /// Input preparation for frames of this size.
+    fn input_spec(&self, width: u32, height: u32) -> InputSpec;
+    /// Whether [`Detector::detect`] needs the raw frames in the batch.
+    fn needs_frames(&self) -> bool {
+        false
+    }
+    /// Detects faces in every frame of `batch` (frame pixels, sorted by score). Returns
+    /// one list per frame.
+    ///
+    /// # Errors
+    /// [`crate::error::FaceError::Inference`] when ONNX Runtime fails.
+    fn detect(
+        &mut self,
+        batch: &Batch,
+        spec: &InputSpec,
+        width: u32,
+        height: u32,
+    ) -> Result<Vec<Vec<Detection>>>;
+}
+
+/// Which detector to build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DetectorKind {
+    /// RetinaFace mobilenet0.25 (default).
+    RetinaFace,
+    /// MediaPipe BlazeFace short range (128 px).
+    BlazeFaceFront,
+    /// MediaPipe BlazeFace full range (256 px).
+    BlazeFaceBack,
+    /// InsightFace SCRFD + 2d106det from user-supplied files.
+    InsightFace {
+        /// `det_10g.onnx`.
+        det: PathBuf,
+        /// `2d106det.onnx`.
+        landmarks: PathBuf,
+    },
+}
+
+/// Greedy non-maximum suppression: sorts by score and drops boxes overlapping a kept
+/// box by more than `iou`.
+pub fn nms(mut dets: Vec<Detection>, iou: f32) -> Vec<Detection> {
+    dets.sort_by(|a, b| b.score.total_cmp(&a.score));
+    let mut keep: Vec<Detection> = Vec::with_capacity(dets.len().min(16));
+    for d in dets {
+        if keep.iter().all(|k| bbox::iou(&k.bbox, &d.bbox) <= iou) {
+            keep.push(d);
+        }
+    }
+    keep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn det(b: [f32; 4], s: f32) -> Detection {
+        Detection {
+            bbox: b,
+            score: s,
+            landmarks: vec![],
+        }
+    }
+
+    #[test]
+    fn nms_keeps_the_best_of_overlapping_boxes() {
+        let kept = nms(
+            vec![
+                det([0.0, 0.0, 10.0, 10.0], 0.8),
+                det([1.0, 1.0, 11.0, 11.0], 0.9),
+                det([50.0, 50.0, 60.0, 60.0], 0.7),
+            ],
+            0.4,
+        );
+        assert_eq!(kept.len(), 2);
+        assert_eq!(kept[0].score, 0.9);
+        assert_eq!(kept[1].score, 0.7);
+    }
+
+    #[test]
+    fn fit_keeps_aspect_and_aligns() {
+        let (w, h, s) = InputSpec::fit(1920, 1080, 640, 32);
+        assert_eq!((w, h), (640, 384));
+        assert!((s - 1.0 / 3.0).abs() < 1e-9);
+        assert_eq!(InputSpec::fit(1280, 720, 128, 0).0, 128);
+    }
+
+    #[test]
+    fn prepare_normalises_pads_and_orders_channels() {
+        // 2x1 frame: red, blue; scaled 1:1 into a 3x2 canvas.
+        let frame = [255u8, 0, 0, 0, 0, 255];
+        let spec = InputSpec {
+            in_w: 3,
+            in_h: 2,
+            scale: 1.0,
+            layout: TensorLayout::Nchw,
+            bgr: true,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+            pad: [7, 8, 9],
+        };
+        let mut out = Vec::new();
+        spec.prepare(&frame, 2, 1, &mut out);
+        // Channel 0 is blue.
+        assert_eq!(&out[0..3], &[0.0, 255.0, 9.0]);
+        // Channel 2 is red.
+        assert_eq!(&out[12..15], &[255.0, 0.0, 7.0]);
+        // Second row is padding.
+        assert_eq!(out[3], 9.0);
+    }
+}
