@@ -1,6 +1,10 @@
 //! `[mux]` section: settings of the mux stage.
+//!
+//! Choice-valued keys are strings here (the mux crate parses and validates them at
+//! start-up and refuses unknown values with exit code 64); see each key for the values.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -10,8 +14,33 @@ use serde::{Deserialize, Serialize};
 pub struct MuxConfig {
     /// Address of the health/metrics endpoint. Default `127.0.0.1:9105`.
     pub listen: SocketAddr,
-    /// Jobs handled at once per process. Default 2.
+    /// Jobs handled at once per process. Each job runs a decoder and two x264 encoders,
+    /// so more than 2 rarely helps on one machine. Default 2.
     pub concurrency: usize,
+    /// x264 constant rate factor of the result video (0 = lossless, 51 = worst; the
+    /// reference's final encode uses 18). Default 18.
+    pub crf: u8,
+    /// x264 preset of the result video: `ultrafast` ... `placebo`. Default `medium`.
+    pub preset: String,
+    /// x264 constant rate factor of the mask video. Default 23.
+    pub mask_crf: u8,
+    /// x264 preset of the mask video (mostly flat grey, cheap to encode). Default `veryfast`.
+    pub mask_preset: String,
+    /// Audio track of the result: `resampled` (the 16 kHz mono copy the model heard, as
+    /// the reference does) or `original` (the user's audio track at its original rate and
+    /// channels). Both are encoded as AAC and trimmed to the video length.
+    /// Default `resampled`.
+    pub audio: String,
+    /// AAC bit rate, e.g. `128k`; none lets ffmpeg choose for the channel layout.
+    /// Default none.
+    pub audio_bitrate: Option<String>,
+    /// Also write `{local_dir}/{task_id}/result.mp4` and `mask.mp4` on local disk (the
+    /// seed's `outputs/` folder; `make up` sets `outputs`). The gateway serves the
+    /// artifact-store copies either way. Default none (artifact store only).
+    pub local_dir: Option<PathBuf>,
+    /// Delete the task's intermediate artifacts (inputs, 16 kHz audio, face track,
+    /// audio features, crops) once the task is completed. Default true.
+    pub delete_intermediates: bool,
 }
 
 impl Default for MuxConfig {
@@ -19,6 +48,14 @@ impl Default for MuxConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9105)),
             concurrency: 2,
+            crf: 18,
+            preset: "medium".into(),
+            mask_crf: 23,
+            mask_preset: "veryfast".into(),
+            audio: "resampled".into(),
+            audio_bitrate: None,
+            local_dir: None,
+            delete_intermediates: true,
         }
     }
 }
