@@ -1,0 +1,510 @@
+//! The HTTP side of the gateway API: submit (JSON with URLs, or a multipart upload of two
+//! files), task, queue, cancel and output downloads.
+//!
+//! Answers are kept as raw JSON next to the few typed fields the client acts on, so
+//! `--json` prints exactly what the server sent and newer servers' extra fields pass
+//! through.
+
+use std::path::{Path, PathBuf};
+
+use futures::TryStreamExt;
+use indicatif::ProgressBar;
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+use reqwest::multipart::{Form, Part};
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+use tokio_util::io::ReaderStream;
+
+use crate::error::{ClientError, Result};
+
+/// An input given on the command line: an http(s) URL the server downloads, or a local
+/// file that is uploaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// Downloaded by the server.
+    Url(String),
+    /// Uploaded by the client.
+    File(PathBuf),
+}
+
+impl Input {
+    /// `http://` or `https://` (any case) is a URL; anything else a file path.
+    pub fn parse(arg: &str) -> Self {
+        let lower = arg.to_ascii_lowercase();
+        if lower.starts_with("http://") || lower.starts_with("https://") {
+            Input::Url(arg.to_owned())
+        } else {
+            Input::File(PathBuf::from(arg))
+        }
+    }
+}
+
+/// Optional request parameters (`None`: the server's default).
+#[derive(Debug, Clone, Default)]
+pub struct Params {
+    /// `inference_steps`.
+    pub steps: Option<u32>,
+    /// `guidance_scale`.
+    pub guidance: Option<f64>,
+    /// `seed`.
+    pub seed: Option<u64>,
+    /// `inference_ckpt_path` (a model name the server has configured).
+    pub model: Option<String>,
+    /// `Idempotency-Key` header.
+    pub idempotency_key: Option<String>,
+}
+
+/// A task as the gateway shows it (`GET /task/{id}`, WebSocket messages).
+#[derive(Debug, Clone)]
+pub struct Task {
+    /// The typed fields.
+    pub view: TaskFields,
+    /// The whole JSON object as received.
+    pub raw: Value,
+}
+
+/// The fields of a task the client acts on.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TaskFields {
+    /// Task id.
+    pub task_id: String,
+    /// `queued`, `processing`, `completed` or `failed`.
+    pub status: String,
+    /// Current (or last) stage.
+    #[serde(default)]
+    pub stage: Option<String>,
+    /// 0.0-1.0.
+    #[serde(default)]
+    pub progress: f64,
+    /// Human-readable state.
+    #[serde(default)]
+    pub message: String,
+    /// Tasks ahead of this one not yet on the GPU.
+    #[serde(default)]
+    pub queue_position: Option<u64>,
+    /// Result video path (relative to the server) once completed.
+    #[serde(default)]
+    pub output_video_url: Option<String>,
+    /// Mask video path once completed.
+    #[serde(default)]
+    pub output_mask_url: Option<String>,
+    /// Set when failed.
+    #[serde(default)]
+    pub error: Option<TaskErrorFields>,
+    /// Notices such as "a test model is in use".
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+/// `error` of a failed task.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TaskErrorFields {
+    /// Machine-readable code, e.g. `no_face_detected`, `cancelled`.
+    pub code: String,
+    /// Human-readable message.
+    #[serde(default)]
+    pub message: String,
+}
+
+impl Task {
+    /// Parses a task JSON object.
+    ///
+    /// # Errors
+    /// [`ClientError::Protocol`] when required fields are missing.
+    pub fn from_value(raw: Value) -> Result<Self> {
+        let view = TaskFields::deserialize(&raw)
+            .map_err(|e| ClientError::Protocol(format!("task record: {e}")))?;
+        Ok(Task { view, raw })
+    }
+
+    /// `completed` or `failed`.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.view.status.as_str(), "completed" | "failed")
+    }
+}
+
+/// A gateway client (cheap to clone).
+#[derive(Clone)]
+pub struct Client {
+    base: url::Url,
+    http: reqwest::Client,
+    api_key: Option<String>,
+}
+
+impl Client {
+    /// A client for `server` (e.g. `http://localhost:8000`), sending `api_key` as a bearer
+    /// token when given.
+    ///
+    /// # Errors
+    /// [`ClientError::Usage`] for a server address that is not an http(s) URL.
+    pub fn new(server: &str, api_key: Option<String>) -> Result<Self> {
+        let mut base = url::Url::parse(server)
+            .map_err(|e| ClientError::Usage(format!("--server `{server}`: {e}")))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(ClientError::Usage(format!(
+                "--server `{server}` must be an http:// or https:// URL"
+            )));
+        }
+        if !base.path().ends_with('/') {
+            let p = format!("{}/", base.path());
+            base.set_path(&p);
+        }
+        let mut headers = HeaderMap::new();
+        if let Some(k) = &api_key {
+            let v = HeaderValue::from_str(&format!("Bearer {k}"))
+                .map_err(|_| ClientError::Usage("--api-key must be visible ASCII".into()))?;
+            headers.insert(AUTHORIZATION, v);
+        }
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .user_agent(concat!("lipsync-cli/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()
+            .map_err(|e| self_transport(server, e))?;
+        Ok(Self {
+            base,
+            http,
+            api_key,
+        })
+    }
+
+    /// The server's base URL.
+    pub fn base(&self) -> &url::Url {
+        &self.base
+    }
+
+    /// The API key, if any.
+    pub fn api_key(&self) -> Option<&str> {
+        self.api_key.as_deref()
+    }
+
+    /// `path` (absolute like `/outputs/..` or relative) resolved against the server URL,
+    /// keeping a base path prefix such as `https://host/lipsync/`.
+    pub fn url(&self, path: &str) -> Result<url::Url> {
+        if path.starts_with("http://") || path.starts_with("https://") {
+            return url::Url::parse(path).map_err(|e| ClientError::Protocol(e.to_string()));
+        }
+        self.base
+            .join(path.trim_start_matches('/'))
+            .map_err(|e| ClientError::Protocol(format!("bad path `{path}`: {e}")))
+    }
+
+    fn transport(&self, e: reqwest::Error) -> ClientError {
+        self_transport(self.base.as_str(), e)
+    }
+
+    /// Sends a request and returns the JSON body of a 2xx answer, or the API error.
+    async fn send_json(&self, req: reqwest::RequestBuilder) -> Result<Value> {
+        let resp = req.send().await.map_err(|e| self.transport(e))?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|e| self.transport(e))?;
+        if !status.is_success() {
+            return Err(api_error(status.as_u16(), &body));
+        }
+        serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Protocol(format!("answer is not JSON: {e}")))
+    }
+
+    /// `POST /sync`: JSON for two URLs, multipart for two files (uploaded streaming,
+    /// `upload_bar` advanced by the bytes sent). Returns the answer
+    /// (`task_id`, `queue_position`, `status`, `message`).
+    ///
+    /// # Errors
+    /// One URL and one file ([`ClientError::Usage`]), unreadable files, or the server's
+    /// refusal.
+    pub async fn submit(
+        &self,
+        video: &Input,
+        audio: &Input,
+        params: &Params,
+        upload_bar: &ProgressBar,
+    ) -> Result<Value> {
+        let mut req = self.http.post(self.url("/sync")?);
+        if let Some(k) = &params.idempotency_key {
+            req = req.header("Idempotency-Key", k);
+        }
+        let req = match (video, audio) {
+            (Input::Url(v), Input::Url(a)) => {
+                let mut body = serde_json::json!({"video_url": v, "audio_url": a});
+                let obj = body.as_object_mut().expect("object literal");
+                if let Some(s) = params.steps {
+                    obj.insert("inference_steps".into(), s.into());
+                }
+                if let Some(g) = params.guidance {
+                    obj.insert("guidance_scale".into(), g.into());
+                }
+                if let Some(s) = params.seed {
+                    obj.insert("seed".into(), s.into());
+                }
+                if let Some(m) = &params.model {
+                    obj.insert("inference_ckpt_path".into(), m.clone().into());
+                }
+                req.json(&body)
+            }
+            (Input::File(v), Input::File(a)) => {
+                let mut form = Form::new()
+                    .part("video", file_part(v, upload_bar).await?)
+                    .part("audio", file_part(a, upload_bar).await?);
+                if let Some(s) = params.steps {
+                    form = form.text("inference_steps", s.to_string());
+                }
+                if let Some(g) = params.guidance {
+                    form = form.text("guidance_scale", g.to_string());
+                }
+                if let Some(s) = params.seed {
+                    form = form.text("seed", s.to_string());
+                }
+                if let Some(m) = &params.model {
+                    form = form.text("inference_ckpt_path", m.clone());
+                }
+                req.multipart(form)
+            }
+            _ => {
+                return Err(ClientError::Usage(
+                    "give two URLs (the server downloads them) or two files (uploaded); \
+                     mixing a URL and a file is not supported"
+                        .into(),
+                ));
+            }
+        };
+        let answer = self.send_json(req).await?;
+        if answer.get("task_id").and_then(Value::as_str).is_none() {
+            return Err(ClientError::Protocol("submit answer has no task_id".into()));
+        }
+        Ok(answer)
+    }
+
+    /// `GET /task/{id}`.
+    ///
+    /// # Errors
+    /// Unknown id (`not_found`), transport errors.
+    pub async fn task(&self, id: &str) -> Result<Task> {
+        let url = self.url(&format!("/task/{}", encode(id)))?;
+        Task::from_value(self.send_json(self.http.get(url)).await?)
+    }
+
+    /// `DELETE /task/{id}`: cancel; returns the record.
+    ///
+    /// # Errors
+    /// Unknown id, an already completed task (`task_finished`), transport errors.
+    pub async fn cancel(&self, id: &str) -> Result<Task> {
+        let url = self.url(&format!("/task/{}", encode(id)))?;
+        Task::from_value(self.send_json(self.http.delete(url)).await?)
+    }
+
+    /// `GET /queue`.
+    ///
+    /// # Errors
+    /// Transport errors.
+    pub async fn queue(&self) -> Result<Value> {
+        self.send_json(self.http.get(self.url("/queue")?)).await
+    }
+
+    /// Downloads `path` (an `output_*_url`) to `dest`: written to `<dest>.part` and renamed
+    /// when complete; a broken transfer is resumed with a `Range` request (up to 5 tries).
+    /// Returns the byte count.
+    ///
+    /// # Errors
+    /// HTTP errors, a transfer that keeps failing, or local I/O.
+    pub async fn download(&self, path: &str, dest: &Path, bar: &ProgressBar) -> Result<u64> {
+        const TRIES: u32 = 5;
+        let url = self.url(path)?;
+        let part = part_path(dest);
+        let mut file = tokio::fs::File::create(&part)
+            .await
+            .map_err(|e| ClientError::io(format!("cannot create {}", part.display()), e))?;
+        let mut have: u64 = 0;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.download_from(&url, &mut file, &mut have, bar).await {
+                Ok(()) => break,
+                Err(e @ ClientError::Transport { .. }) if attempt < TRIES => {
+                    bar.println(format!(
+                        "download interrupted ({e}), resuming at byte {have}"
+                    ));
+                    tokio::time::sleep(std::time::Duration::from_millis(500 * u64::from(attempt)))
+                        .await;
+                }
+                Err(e) => {
+                    drop(file);
+                    let _ = tokio::fs::remove_file(&part).await;
+                    return Err(e);
+                }
+            }
+        }
+        file.flush()
+            .await
+            .and(file.sync_all().await)
+            .map_err(|e| ClientError::io(format!("cannot write {}", part.display()), e))?;
+        drop(file);
+        tokio::fs::rename(&part, dest)
+            .await
+            .map_err(|e| ClientError::io(format!("cannot rename to {}", dest.display()), e))?;
+        Ok(have)
+    }
+
+    async fn download_from(
+        &self,
+        url: &url::Url,
+        file: &mut tokio::fs::File,
+        have: &mut u64,
+        bar: &ProgressBar,
+    ) -> Result<()> {
+        use tokio::io::AsyncSeekExt;
+        let mut req = self.http.get(url.clone());
+        if *have > 0 {
+            req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
+        }
+        let resp = req.send().await.map_err(|e| self.transport(e))?;
+        let status = resp.status().as_u16();
+        let io_err = |e| ClientError::io("cannot write the download", e);
+        match status {
+            206 => {}
+            200 => {
+                // Whole file (first request, or the server ignored the range): restart.
+                *have = 0;
+                file.set_len(0).await.map_err(io_err)?;
+                file.seek(std::io::SeekFrom::Start(0))
+                    .await
+                    .map_err(io_err)?;
+                bar.set_position(0);
+                if let Some(len) = resp.content_length() {
+                    bar.set_length(len);
+                }
+            }
+            _ => {
+                let body = resp.bytes().await.unwrap_or_default();
+                return Err(api_error(status, &body));
+            }
+        }
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.try_next().await.map_err(|e| self.transport(e))? {
+            file.write_all(&chunk).await.map_err(io_err)?;
+            *have += chunk.len() as u64;
+            bar.set_position(*have);
+        }
+        Ok(())
+    }
+}
+
+fn self_transport(server: &str, source: reqwest::Error) -> ClientError {
+    ClientError::Transport {
+        server: server.to_owned(),
+        source,
+    }
+}
+
+/// Percent-encodes a path segment (task ids are UUIDs; anything else is passed safely).
+fn encode(segment: &str) -> String {
+    url::form_urlencoded::byte_serialize(segment.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
+}
+
+fn part_path(dest: &Path) -> PathBuf {
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(".part");
+    dest.with_file_name(name)
+}
+
+/// The API error of a non-2xx answer (`{error: {code, message}}`, or a generic one).
+fn api_error(status: u16, body: &[u8]) -> ClientError {
+    #[derive(Deserialize)]
+    struct Body {
+        error: Inner,
+    }
+    #[derive(Deserialize)]
+    struct Inner {
+        code: String,
+        message: String,
+    }
+    match serde_json::from_slice::<Body>(body) {
+        Ok(b) => ClientError::Api {
+            status,
+            code: b.error.code,
+            message: b.error.message,
+        },
+        Err(_) => ClientError::Api {
+            status,
+            code: "http_error".into(),
+            message: String::from_utf8_lossy(&body[..body.len().min(200)])
+                .trim()
+                .to_owned(),
+        },
+    }
+}
+
+/// A streaming multipart file part whose bytes advance `bar`.
+async fn file_part(path: &Path, bar: &ProgressBar) -> Result<Part> {
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| ClientError::io(format!("cannot open {}", path.display()), e))?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| ClientError::io(format!("cannot read {}", path.display()), e))?
+        .len();
+    bar.inc_length(len);
+    let counted = bar.clone();
+    let stream = ReaderStream::new(file).inspect_ok(move |chunk| counted.inc(chunk.len() as u64));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "upload".into());
+    Part::stream_with_length(reqwest::Body::wrap_stream(stream), len)
+        .file_name(name)
+        .mime_str("application/octet-stream")
+        .map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_urls_and_files() {
+        assert_eq!(
+            Input::parse("https://x/v.mp4"),
+            Input::Url("https://x/v.mp4".into())
+        );
+        assert_eq!(Input::parse("HTTP://x"), Input::Url("HTTP://x".into()));
+        assert_eq!(Input::parse("v.mp4"), Input::File("v.mp4".into()));
+        assert_eq!(Input::parse("./http:/x"), Input::File("./http:/x".into()));
+    }
+
+    #[test]
+    fn urls_keep_a_base_path() {
+        let c = Client::new("https://h.example/lipsync", None).unwrap();
+        assert_eq!(
+            c.url("/outputs/a/result.mp4").unwrap().as_str(),
+            "https://h.example/lipsync/outputs/a/result.mp4"
+        );
+        let c = Client::new("http://localhost:8000", None).unwrap();
+        assert_eq!(
+            c.url("/queue").unwrap().as_str(),
+            "http://localhost:8000/queue"
+        );
+        assert!(Client::new("ftp://x", None).is_err());
+    }
+
+    #[test]
+    fn api_errors_parse_or_fall_back() {
+        let e = api_error(
+            404,
+            br#"{"error":{"code":"not_found","message":"no such task"}}"#,
+        );
+        assert_eq!(e.to_string(), "no such task (not_found, HTTP 404)");
+        let e = api_error(502, b"bad gateway");
+        assert_eq!(e.to_string(), "bad gateway (http_error, HTTP 502)");
+    }
+
+    #[test]
+    fn part_file_name() {
+        assert_eq!(
+            part_path(Path::new("out/r.mp4")),
+            Path::new("out/r.mp4.part")
+        );
+    }
+}

@@ -1,0 +1,319 @@
+//! The `lipsync` CLI end to end against a real gateway on a real nats-server: submit by
+//! URL and by file upload, status, queue, cancel, typed errors, and `--wait --out` with a
+//! fake pipeline (the test drives the task record and puts the result artifact; the CLI
+//! follows the WebSocket, with an API key, and downloads the file).
+
+mod gateway_common;
+
+use std::time::Duration;
+
+use gateway_common::Env;
+use lipsync_client::{Cli, ClientError, EXIT_OK, EXIT_TASK_FAILED};
+use lipsync_runtime::{ArtifactStore, Change, NatsArtifacts};
+use lipsync_schemas::{ErrorCode, Stage, Status, TaskError, names};
+use lipsync_tests::wait_for;
+use serde_json::Value;
+
+/// Runs the CLI in-process with `args` (after `lipsync --server <gw>`); returns the
+/// outcome and what it printed.
+async fn cli(env: &Env, args: &[&str]) -> (Result<i32, ClientError>, String) {
+    let server = env.url("");
+    let mut argv = vec!["lipsync", "--server", server.as_str(), "--quiet"];
+    argv.extend_from_slice(args);
+    let parsed = Cli::try_from_args(argv).expect("valid command line");
+    let mut out = Vec::new();
+    let res = lipsync_client::run(parsed, &mut out).await;
+    (res, String::from_utf8(out).expect("utf-8 output"))
+}
+
+async fn cli_json(env: &Env, args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let (res, out) = cli(env, &all).await;
+    assert_eq!(res.expect("command succeeds"), EXIT_OK, "{out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+#[tokio::test]
+async fn submit_urls_then_status_queue_and_cancel() {
+    let env = Env::start().await;
+    let v = cli_json(
+        &env,
+        &[
+            "submit",
+            "--video",
+            "https://example.com/face.mp4",
+            "--audio",
+            "https://example.com/speech.wav",
+            "--steps",
+            "7",
+            "--guidance",
+            "2.0",
+            "--seed",
+            "42",
+        ],
+    )
+    .await;
+    let id = v["task_id"].as_str().unwrap().to_owned();
+    assert_eq!(v["status"], "queued");
+    assert_eq!(v["queue_position"], 0);
+
+    let t = cli_json(&env, &["status", &id]).await;
+    assert_eq!(t["task_id"], id.as_str());
+    assert_eq!(t["status"], "queued");
+    assert_eq!(t["request"]["video_url"], "https://example.com/face.mp4");
+    assert_eq!(t["request"]["inference_steps"], 7);
+    assert_eq!(t["request"]["guidance_scale"], 2.0);
+    assert_eq!(t["request"]["seed"], 42);
+
+    // The text form names the status.
+    let (res, text) = cli(&env, &["status", &id]).await;
+    assert_eq!(res.unwrap(), EXIT_OK);
+    assert!(text.contains(&format!("task {id}: queued")), "{text}");
+
+    let q = wait_for(Duration::from_secs(5), || async {
+        let q = cli_json(&env, &["queue"]).await;
+        (q["queue_length"] == 1).then_some(q)
+    })
+    .await
+    .unwrap();
+    assert_eq!(q["queued_tasks"][0]["task_id"], id.as_str());
+    let (_, text) = cli(&env, &["queue"]).await;
+    assert!(text.starts_with("1 task(s) waiting"), "{text}");
+
+    let c = cli_json(&env, &["cancel", &id]).await;
+    assert_eq!(c["status"], "failed");
+    assert_eq!(c["error"]["code"], "cancelled");
+    let t = cli_json(&env, &["status", &id]).await;
+    assert_eq!(t["error"]["code"], "cancelled");
+
+    // --wait on a cancelled task ends at once with the failure exit code.
+    let (res, text) = cli(&env, &["status", &id, "--wait"]).await;
+    assert_eq!(res.unwrap(), EXIT_TASK_FAILED);
+    assert!(text.contains("(cancelled)"), "{text}");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn submit_uploads_files_as_multipart() {
+    let env = Env::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let video: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    let audio: Vec<u8> = (0..50_000u32).map(|i| (i % 7) as u8).collect();
+    let vpath = dir.path().join("face.mp4");
+    let apath = dir.path().join("speech.wav");
+    std::fs::write(&vpath, &video).unwrap();
+    std::fs::write(&apath, &audio).unwrap();
+    let v = cli_json(
+        &env,
+        &[
+            "submit",
+            "--video",
+            vpath.to_str().unwrap(),
+            "--audio",
+            apath.to_str().unwrap(),
+            "--steps",
+            "3",
+        ],
+    )
+    .await;
+    let id = v["task_id"].as_str().unwrap().to_owned();
+    let t = cli_json(&env, &["status", &id]).await;
+    assert_eq!(
+        t["request"]["video_url"],
+        Value::Null,
+        "an upload has no URL"
+    );
+    assert_eq!(t["request"]["inference_steps"], 3);
+    let store = NatsArtifacts::new(env.topo.artifacts.clone());
+    for (name, want) in [
+        (names::artifact::VIDEO, &video),
+        (names::artifact::AUDIO_ORIGINAL, &audio),
+    ] {
+        let mut got = Vec::new();
+        let mut r = store.get(&names::artifact_key(&id, name)).await.unwrap();
+        tokio::io::AsyncReadExt::read_to_end(&mut r, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(&got, want, "{name} stored as uploaded");
+    }
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn usage_and_api_errors_are_typed() {
+    let env = Env::start().await;
+    let (res, _) = cli(
+        &env,
+        &[
+            "submit",
+            "--video",
+            "https://example.com/v.mp4",
+            "--audio",
+            "a.wav",
+        ],
+    )
+    .await;
+    let e = res.unwrap_err();
+    assert!(matches!(e, ClientError::Usage(_)), "{e}");
+    assert_eq!(e.exit_code(), lipsync_client::EXIT_USAGE);
+
+    let (res, _) = cli(&env, &["status", "00000000-0000-4000-8000-000000000000"]).await;
+    match res.unwrap_err() {
+        ClientError::Api { status, code, .. } => {
+            assert_eq!((status, code.as_str()), (404, "not_found"));
+        }
+        other => panic!("unexpected {other}"),
+    }
+    let (res, _) = cli(
+        &env,
+        &[
+            "submit",
+            "--video",
+            "https://example.com/v.mp4",
+            "--audio",
+            "https://example.com/a.wav",
+            "--steps",
+            "1000",
+        ],
+    )
+    .await;
+    assert!(
+        matches!(res, Err(ClientError::Api { status: 422, .. })),
+        "{res:?}"
+    );
+    env.stop().await;
+}
+
+/// Drives the record of `id` like the pipeline would, then completes it with a result.
+async fn fake_pipeline(env: &Env, id: &str, result: &[u8]) {
+    env.tasks.mark_started(id, Stage::Fetch, 1).await.unwrap();
+    env.tasks.mark_started(id, Stage::Infer, 1).await.unwrap();
+    env.tasks
+        .progress(id, Stage::Infer, 0.5, "infer: step 10/20")
+        .await
+        .unwrap();
+    let store = NatsArtifacts::new(env.topo.artifacts.clone());
+    store
+        .put(
+            &names::artifact_key(id, names::artifact::RESULT),
+            &mut &result[..],
+        )
+        .await
+        .unwrap();
+    env.tasks
+        .update(id, |r| {
+            r.status = Status::Completed;
+            r.progress = 1.0;
+            r.message = "completed".into();
+            r.output_video_url = Some(format!("/outputs/{}/result.mp4", r.task_id));
+            r.end_time = Some(r.start_time + 1.0);
+            Change::Write
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn submit_wait_follows_and_downloads_the_result_with_an_api_key() {
+    let env = Env::start_with(|c| c.gateway.api_keys = vec!["k-123".into()]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("result.mp4");
+    let server = env.url("");
+    let argv = vec![
+        "lipsync".to_owned(),
+        "--server".into(),
+        server,
+        "--api-key".into(),
+        "k-123".into(),
+        "--quiet".into(),
+        "submit".into(),
+        "--video".into(),
+        "https://example.com/face.mp4".into(),
+        "--audio".into(),
+        "https://example.com/speech.wav".into(),
+        "--wait".into(),
+        "--out".into(),
+        out.to_str().unwrap().into(),
+    ];
+    let run = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let code = lipsync_client::run(Cli::try_from_args(argv).unwrap(), &mut buf).await;
+        (code, String::from_utf8(buf).unwrap())
+    });
+    // The task appears in the queue; its WebSocket client shows up in the gateway metrics.
+    let http = reqwest::Client::new();
+    let id = wait_for(Duration::from_secs(10), || async {
+        let r = http
+            .get(env.url("/queue"))
+            .bearer_auth("k-123")
+            .send()
+            .await
+            .ok()?;
+        let q: Value = r.json().await.ok()?;
+        q["queued_tasks"][0]["task_id"].as_str().map(str::to_owned)
+    })
+    .await
+    .unwrap();
+    wait_for(Duration::from_secs(10), || async {
+        let text = http
+            .get(env.url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .any(|l| l == "lipsync_websocket_clients 1")
+            .then_some(())
+    })
+    .await
+    .expect("the CLI follows the task over the WebSocket");
+    let result: Vec<u8> = (0..150_000u32).map(|i| (i * 31 % 256) as u8).collect();
+    fake_pipeline(&env, &id, &result).await;
+    let (code, text) = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the CLI returns after completion")
+        .unwrap();
+    assert_eq!(code.unwrap(), EXIT_OK, "{text}");
+    assert!(text.contains(&format!("task {id}: completed")), "{text}");
+    assert!(text.contains("saved result to"), "{text}");
+    assert_eq!(std::fs::read(&out).unwrap(), result);
+    assert!(!dir.path().join("result.mp4.part").exists());
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn wait_reports_a_failed_task() {
+    let env = Env::start().await;
+    let id = env.submit_ok().await;
+    let server = env.url("");
+    let wait_id = id.clone();
+    let run = tokio::spawn(async move {
+        let argv = ["lipsync", "--server", &server, "--quiet", "--json"]
+            .into_iter()
+            .chain(["status", wait_id.as_str(), "--wait"]);
+        let mut buf = Vec::new();
+        let code = lipsync_client::run(Cli::try_from_args(argv).unwrap(), &mut buf).await;
+        (code, String::from_utf8(buf).unwrap())
+    });
+    env.tasks.mark_started(&id, Stage::Face, 1).await.unwrap();
+    env.tasks
+        .fail(
+            &id,
+            Some(Stage::Face),
+            TaskError::new(ErrorCode::NoFaceDetected, "no face in frame 0"),
+        )
+        .await
+        .unwrap();
+    let (code, text) = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the CLI returns after the failure")
+        .unwrap();
+    assert_eq!(code.unwrap(), EXIT_TASK_FAILED, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["status"], "failed");
+    assert_eq!(v["error"]["code"], "no_face_detected");
+    env.stop().await;
+}
