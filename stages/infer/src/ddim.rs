@@ -59,7 +59,13 @@ impl Ddim {
         let timesteps = (0..steps as i64)
             .rev()
             .map(|i| i * step_ratio + i64::from(spec.steps_offset))
-            .collect();
+            .collect::<Vec<i64>>();
+        if timesteps.first().is_some_and(|&t| t >= train as i64) {
+            return Err(InferError::BadRequest(format!(
+                "inference_steps must be at most {} for this scheduler",
+                (train as i64 - i64::from(spec.steps_offset)).max(1)
+            )));
+        }
         Ok(Self {
             alphas_cumprod,
             final_alpha,
@@ -184,6 +190,9 @@ mod tests {
         assert_eq!(d.timesteps(), &[1]);
         assert!(Ddim::new(&spec(), 0).is_err());
         assert!(Ddim::new(&spec(), 1001).is_err());
+        // 1000 steps with offset 1 would start at t = 1000, past the schedule.
+        assert!(Ddim::new(&spec(), 1000).is_err());
+        assert_eq!(Ddim::new(&spec(), 999).unwrap().timesteps()[0], 999);
     }
 
     #[test]

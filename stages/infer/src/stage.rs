@@ -102,6 +102,16 @@ impl InferStage {
             .unwrap_or_default()
     }
 
+    /// Returns the UNet runs of all workers since start-up.
+    pub fn unet_runs(&self) -> u64 {
+        self.engines
+            .lock()
+            .expect("engine pool")
+            .iter()
+            .map(|e| e.unet_runs)
+            .sum()
+    }
+
     /// Returns the job parameters for a request.
     pub fn params(&self, steps: u32, guidance: f64, seed: u64) -> JobParams {
         let p = &self.profile.profile;

@@ -2,8 +2,11 @@
 //! (a similarity transform drifting slowly over the frame) and seeded random audio
 //! features. Nothing here runs in production jobs.
 
-use lipsync_runtime::features::AudioFeatures;
-use lipsync_schemas::{FaceFrame, FaceTrack};
+use std::path::Path;
+
+use lipsync_runtime::features::{AudioFeatures, Dtype};
+use lipsync_runtime::{ArtifactError, ArtifactStore};
+use lipsync_schemas::{FaceFrame, FaceTrack, InferJob, names};
 
 use crate::noise::Gaussian;
 
@@ -80,6 +83,42 @@ pub fn features(frames: usize, seed: u64) -> AudioFeatures {
         dim,
         data,
     }
+}
+
+/// Stores a task's infer inputs (video file, face track, features) in `artifacts` under
+/// the well-known names and returns the matching work item.
+///
+/// # Errors
+/// The artifact store refused a write.
+pub async fn store_inputs(
+    artifacts: &dyn ArtifactStore,
+    task_id: &str,
+    video: &Path,
+    track: &FaceTrack,
+    features: &AudioFeatures,
+) -> Result<InferJob, ArtifactError> {
+    let key = |name: &str| names::artifact_key(task_id, name);
+    artifacts
+        .put_file(&key(names::artifact::VIDEO), video)
+        .await?;
+    let json = serde_json::to_vec(track).expect("face track serialises");
+    artifacts
+        .put(&key(names::artifact::FACE_TRACK), &mut &json[..])
+        .await?;
+    let mut bin = Vec::new();
+    features
+        .write_to(&mut bin, Dtype::F16)
+        .expect("write to memory");
+    artifacts
+        .put(&key(names::artifact::AUDIO_FEATURES), &mut &bin[..])
+        .await?;
+    Ok(InferJob {
+        v: lipsync_schemas::WORK_VERSION,
+        task_id: task_id.to_owned(),
+        video: key(names::artifact::VIDEO),
+        face_track: key(names::artifact::FACE_TRACK),
+        audio_features: key(names::artifact::AUDIO_FEATURES),
+    })
 }
 
 #[cfg(test)]
