@@ -33,17 +33,6 @@ fn stream_s16le(
     let mut samples = Vec::with_capacity(BLOCK);
     let mut total = 0u64;
     let mut remaining = limit.map(|l| l.saturating_mul(2));
-    let mut flush = |bytes: &mut [u8], filled: &mut usize| -> Result<()> {
-        let whole = *filled / 2 * 2;
-        if whole > 0 {
-            convert(&bytes[..whole], &mut samples);
-            f(&samples)?;
-            total += samples.len() as u64;
-            bytes.copy_within(whole..*filled, 0);
-            *filled -= whole;
-        }
-        Ok(())
-    };
     loop {
         let room = bytes.len() - filled;
         let cap = remaining.map_or(room, |r| (r.min(room as u64)) as usize);
@@ -61,12 +50,29 @@ fn stream_s16le(
             *r -= n as u64;
         }
         if filled == bytes.len() {
-            flush(&mut bytes, &mut filled)?;
+            total += flush(&mut bytes, &mut filled, &mut samples, f)?;
         }
     }
-    flush(&mut bytes, &mut filled)?;
-    drop(flush);
+    total += flush(&mut bytes, &mut filled, &mut samples, f)?;
     Ok(total)
+}
+
+/// Hands the whole samples in `bytes[..filled]` to `f` and keeps an odd trailing byte.
+fn flush(
+    bytes: &mut [u8],
+    filled: &mut usize,
+    samples: &mut Vec<f32>,
+    f: &mut dyn FnMut(&[f32]) -> Result<()>,
+) -> Result<u64> {
+    let whole = *filled / 2 * 2;
+    if whole == 0 {
+        return Ok(0);
+    }
+    convert(&bytes[..whole], samples);
+    f(samples)?;
+    bytes.copy_within(whole..*filled, 0);
+    *filled -= whole;
+    Ok(samples.len() as u64)
 }
 
 /// Reads a 16 kHz mono 16-bit PCM WAV file in blocks. Returns the sample count.
@@ -131,8 +137,20 @@ pub fn decode_with_ffmpeg(
         .args(["-nostdin", "-v", "error", "-i"])
         .arg(input)
         .args([
-            "-map", "0:a:0", "-vn", "-sn", "-dn", "-ac", "1", "-ar", "16000", "-c:a",
-            "pcm_s16le", "-f", "s16le", "-",
+            "-map",
+            "0:a:0",
+            "-vn",
+            "-sn",
+            "-dn",
+            "-ac",
+            "1",
+            "-ar",
+            "16000",
+            "-c:a",
+            "pcm_s16le",
+            "-f",
+            "s16le",
+            "-",
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -142,7 +142,8 @@ impl lipsync_runtime::Handler for AudioStage {
         ctx.check().await?;
 
         let out = dir.path().join("features.bin");
-        let encoder = self.sessions[self.next.fetch_add(1, Ordering::Relaxed) % self.sessions.len()].clone();
+        let encoder =
+            self.sessions[self.next.fetch_add(1, Ordering::Relaxed) % self.sessions.len()].clone();
         let settings = self.settings.clone();
         let runtime = tokio::runtime::Handle::current();
         let job_ctx = ctx.clone();
@@ -190,7 +191,8 @@ impl lipsync_runtime::Handler for AudioStage {
             .put_file(&key, &out)
             .await
             .map_err(JobError::from)?;
-        let mut message = format!("audio: {seconds:.2} s encoded into {positions} feature positions");
+        let mut message =
+            format!("audio: {seconds:.2} s encoded into {positions} feature positions");
         if let Some(w) = &self.warning {
             message = format!("{message} ({w})");
         }

@@ -186,7 +186,9 @@ impl Assembler {
         // A shorter last window may end inside the shared part: drop what it did not cover.
         merged.truncate((end - self.emitted).min(held) * POSITION_VALUES);
         if start + shared < end {
-            merged.extend_from_slice(&rows[shared * POSITION_VALUES..(end - start) * POSITION_VALUES]);
+            merged.extend_from_slice(
+                &rows[shared * POSITION_VALUES..(end - start) * POSITION_VALUES],
+            );
         }
         // Release what the next window will not touch.
         let release_to = next_start.unwrap_or(end).min(end).max(self.emitted);
@@ -325,10 +327,16 @@ mod tests {
         let interior = s_plain[100..1400].iter().cloned().fold(0f32, f32::max);
         let seam = s_plain[WINDOW_POSITIONS - 1];
         // Without overlap: a jump of about the drift at every 30 s boundary.
-        assert!(seam > 0.4 && seam > 50.0 * interior, "seam {seam} interior {interior}");
+        assert!(
+            seam > 0.4 && seam > 50.0 * interior,
+            "seam {seam} interior {interior}"
+        );
         // With a 2 s cross-fade the largest step anywhere is close to the interior steps.
         let worst = s_faded.iter().cloned().fold(0f32, f32::max);
-        assert!(worst < 0.02 && worst < seam / 20.0, "worst {worst} seam {seam}");
+        assert!(
+            worst < 0.02 && worst < seam / 20.0,
+            "worst {worst} seam {seam}"
+        );
         // Before the first overlap both are the same window-0 output.
         let stride = WINDOW_POSITIONS - 100;
         assert_eq!(

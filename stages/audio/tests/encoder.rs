@@ -34,7 +34,8 @@ fn encoder() -> OrtEncoder {
     let profile = lipsync_runtime::models::resolve(&cfg, &["whisper_encoder"])
         .expect("tiny profile (run `make setup`)");
     let path = profile.model_path("whisper_encoder").unwrap();
-    OrtEncoder::load(&path, &EncoderOptions::default()).expect("ORT_DYLIB_PATH set (`. .local/env.sh`)")
+    OrtEncoder::load(&path, &EncoderOptions::default())
+        .expect("ORT_DYLIB_PATH set (`. .local/env.sh`)")
 }
 
 /// `seconds` of a speech-like signal: harmonics of a wandering pitch, amplitude-modulated
@@ -76,14 +77,23 @@ fn run(enc: &mut OrtEncoder, mel: &LogMelSpectrogram, overlap: usize) -> Vec<f32
     out
 }
 
-fn window_rows(enc: &mut OrtEncoder, mel: &LogMelSpectrogram, start: usize, keep: usize) -> Vec<f32> {
+fn window_rows(
+    enc: &mut OrtEncoder,
+    mel: &LogMelSpectrogram,
+    start: usize,
+    keep: usize,
+) -> Vec<f32> {
     let input = mel.window(start, WINDOW_FRAMES, WINDOW_FRAMES);
     to_rows(&enc.encode(&input).unwrap(), keep)
 }
 
 fn close(a: &[f32], b: &[f32], tol: f32) {
     assert_eq!(a.len(), b.len());
-    let err = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    let err = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
     assert!(err <= tol, "max abs difference {err}");
 }
 
@@ -92,7 +102,13 @@ fn steps(rows: &[f32]) -> Vec<f32> {
     rows.chunks(POSITION_VALUES)
         .collect::<Vec<_>>()
         .windows(2)
-        .map(|w| w[0].iter().zip(w[1]).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt())
+        .map(|w| {
+            w[0].iter()
+                .zip(w[1])
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f32>()
+                .sqrt()
+        })
         .collect()
 }
 
@@ -127,7 +143,11 @@ fn overlap_crossfades_at_the_seams() {
     let a = window_rows(&mut enc, &mel, 0, WINDOW_POSITIONS);
     let b = window_rows(&mut enc, &mel, 2 * stride, WINDOW_POSITIONS);
     // Before the shared part: window 0 alone.
-    close(&faded[..stride * POSITION_VALUES], &a[..stride * POSITION_VALUES], 1e-6);
+    close(
+        &faded[..stride * POSITION_VALUES],
+        &a[..stride * POSITION_VALUES],
+        1e-6,
+    );
     // Shared part: a linear cross-fade from window 0 to window 1.
     for i in [0usize, 37, 99] {
         let w = (i as f32 + 0.5) / ov as f32;
@@ -137,7 +157,11 @@ fn overlap_crossfades_at_the_seams() {
             .zip(&b[i * POSITION_VALUES..][..POSITION_VALUES])
             .map(|(x, y)| (1.0 - w) * x + w * y)
             .collect();
-        close(&faded[t * POSITION_VALUES..][..POSITION_VALUES], &want, 1e-5);
+        close(
+            &faded[t * POSITION_VALUES..][..POSITION_VALUES],
+            &want,
+            1e-5,
+        );
     }
     // Right after the shared part: window 1 alone.
     let t = WINDOW_POSITIONS;
@@ -152,8 +176,16 @@ fn overlap_crossfades_at_the_seams() {
     let (sp, sf) = (steps(&plain), steps(&faded));
     let med = median(sp.clone());
     let seam = sp[WINDOW_POSITIONS - 1] / med;
-    let interior = sp[10..WINDOW_POSITIONS - 10].iter().cloned().fold(0.0, f32::max) / med;
-    let in_fade = sf[stride - 1..WINDOW_POSITIONS].iter().cloned().fold(0.0, f32::max) / med;
+    let interior = sp[10..WINDOW_POSITIONS - 10]
+        .iter()
+        .cloned()
+        .fold(0.0, f32::max)
+        / med;
+    let in_fade = sf[stride - 1..WINDOW_POSITIONS]
+        .iter()
+        .cloned()
+        .fold(0.0, f32::max)
+        / med;
     eprintln!(
         "tiny model, steps / median step: largest inside a window {interior:.2}, at the 30 s seam {seam:.2}; largest in the 2 s cross-fade {in_fade:.2}"
     );

@@ -68,7 +68,11 @@ fn compare(audio: &Path) -> f32 {
     let got = rust_mel(audio);
     assert_eq!(got.dim(), want.dim(), "shape");
     let err = max_abs_diff(got.as_slice().unwrap(), want.as_slice().unwrap());
-    eprintln!("{}: {:?}, max abs error {err:e}", audio.display(), got.dim());
+    eprintln!(
+        "{}: {:?}, max abs error {err:e}",
+        audio.display(),
+        got.dim()
+    );
     err
 }
 
@@ -98,8 +102,8 @@ fn noise(seconds: f64) -> Vec<i16> {
             state ^= state << 17;
             let u = (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
             let gain = match i * 10 / n {
-                3 => 0.0,     // digital silence
-                6 => 0.0005,  // very quiet
+                3 => 0.0,    // digital silence
+                6 => 0.0005, // very quiet
                 _ => 0.6,
             };
             (u * gain * 32767.0) as i16
@@ -181,11 +185,17 @@ fn too_short_and_invalid_inputs_are_typed() {
     let text = dir.path().join("text.wav");
     std::fs::write(&text, b"not a wav file at all".repeat(50)).unwrap();
     let e = extract::mel_of_wav(&text).unwrap_err();
-    assert!(matches!(e, lipsync_audio::Error::UnsupportedMedia(_)), "{e}");
+    assert!(
+        matches!(e, lipsync_audio::Error::UnsupportedMedia(_)),
+        "{e}"
+    );
     assert!(!e.to_string().contains(dir.path().to_str().unwrap()));
 
     let e = extract::mel_of_file(Path::new("ffmpeg"), &text).unwrap_err();
-    assert!(matches!(e, lipsync_audio::Error::UnsupportedMedia(_)), "{e}");
+    assert!(
+        matches!(e, lipsync_audio::Error::UnsupportedMedia(_)),
+        "{e}"
+    );
     assert!(!e.to_string().contains(dir.path().to_str().unwrap()), "{e}");
 
     let other_rate = dir.path().join("mono48k.wav");
