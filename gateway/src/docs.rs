@@ -9,6 +9,9 @@ use axum::routing::get;
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
+use lipsync_runtime::config::GatewayConfig;
+use serde_json::{Value, json};
+
 use crate::AppState;
 
 const REDOC_JS: &[u8] = include_bytes!("../assets/redoc/redoc.standalone.js");
@@ -71,14 +74,63 @@ struct ApiDoc;
 #[allow(dead_code)]
 fn metrics_doc() {}
 
-/// The OpenAPI document of the API.
+/// The OpenAPI document of the API as generated from the handler types.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
-pub(crate) fn router() -> Router<AppState> {
+/// The document as served: [`openapi`] narrowed to this server's configuration (the
+/// configured model names; `webhook_url` only when a webhook secret is set), so that
+/// every request the schema allows is one the server accepts.
+pub fn openapi_for(gw: &GatewayConfig) -> Value {
+    let mut doc = serde_json::to_value(openapi()).unwrap_or(Value::Null);
+    let mut models: Vec<Value> = gw.models.iter().map(|m| json!(m)).collect();
+    models.push(Value::Null);
+    let url = json!({
+        "type": "string",
+        "minLength": 8,
+        "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9]",
+    });
+    if let Some(params) = doc["paths"]["/sync"]["post"]["parameters"].as_array_mut() {
+        for p in params.iter_mut().filter(|p| p["name"] == "Idempotency-Key") {
+            p["schema"] = json!({
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 255,
+                "pattern": "^[!-~]([ -~]*[!-~])?$",
+            });
+        }
+    }
+    for schema in ["SyncRequest", "SyncUpload"] {
+        let props = &mut doc["components"]["schemas"][schema]["properties"];
+        if !props.is_object() {
+            continue;
+        }
+        let desc = props["inference_ckpt_path"]["description"].clone();
+        props["inference_ckpt_path"] = json!({
+            "type": ["string", "null"], "enum": models, "description": desc,
+        });
+        if gw.webhook_secret.is_empty() {
+            props["webhook_url"] = json!({
+                "type": "null",
+                "description": "Not available: this server has no webhook secret configured",
+            });
+        } else {
+            let mut w = url.clone();
+            w["type"] = json!(["string", "null"]);
+            props["webhook_url"] = w;
+        }
+        if schema == "SyncRequest" {
+            props["video_url"] = url.clone();
+            props["audio_url"] = url.clone();
+        }
+    }
+    doc
+}
+
+pub(crate) fn router(gw: &GatewayConfig) -> Router<AppState> {
     Router::new()
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi()))
+        .merge(SwaggerUi::new("/docs").external_url_unchecked("/openapi.json", openapi_for(gw)))
         .route("/redoc", get(|| async { Html(REDOC_HTML) }))
         .route(
             "/redoc/redoc.standalone.js",

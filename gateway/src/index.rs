@@ -198,10 +198,12 @@ impl TaskIndex {
         (c.seen.elapsed() < self.ttl).then(|| (c.record.clone(), c.revision))
     }
 
-    /// 0-based queue position of a waiting task; `None` if it is not waiting.
-    pub fn position(&self, record: &TaskRecord) -> Option<u64> {
+    /// 0-based queue position of a waiting task; `None` if it is not waiting or unknown.
+    /// Looked up by id: the cached record's own key is used (a record decoded from KV
+    /// again may differ in the last bit of `start_time`).
+    pub fn position(&self, task_id: &str) -> Option<u64> {
         let st = self.read();
-        let key = queue_key(record);
+        let key = queue_key(&st.records.get(task_id)?.record);
         if !st.waiting.contains(&key) {
             return None;
         }
@@ -374,7 +376,7 @@ mod tests {
         idx.apply(2, rec("a", 10.0));
         idx.apply(3, rec("c", 5.0));
         assert_eq!(idx.queue().waiting, ["c", "a", "b"]);
-        assert_eq!(idx.position(&rec("b", 10.0)), Some(2));
+        assert_eq!(idx.position("b"), Some(2));
         let mut on_gpu = rec("c", 5.0);
         on_gpu.status = Status::Processing;
         on_gpu
@@ -384,7 +386,7 @@ mod tests {
         let q = idx.queue();
         assert_eq!(q.waiting, ["a", "b"]);
         assert!(q.is_processing);
-        assert_eq!(idx.position(&on_gpu), None);
+        assert_eq!(idx.position("c"), None);
         // A stale revision never moves a record backwards.
         assert!(!idx.apply(3, rec("c", 5.0)));
         assert_eq!(idx.queue().waiting, ["a", "b"]);

@@ -42,7 +42,7 @@ use lipsync_runtime::{Config, TaskStore};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use docs::openapi;
+pub use docs::{openapi, openapi_for};
 pub use error::{ApiError, ApiErrorCode};
 pub use index::TaskIndex;
 

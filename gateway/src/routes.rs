@@ -44,7 +44,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(crate::metrics::render))
-        .merge(crate::docs::router());
+        .merge(crate::docs::router(&state.gw));
     let timeout = Duration::from_secs(state.gw.request_timeout_s.max(1));
     Router::new()
         .merge(protected)
@@ -187,7 +187,7 @@ pub(crate) async fn load(
 
 /// The public view of a record with its current queue position.
 pub(crate) fn view(state: &AppState, rec: &TaskRecord) -> TaskView {
-    TaskView::from_record(rec, state.index.position(rec))
+    TaskView::from_record(rec, state.index.position(&rec.task_id))
 }
 
 /// `GET /task/{task_id}`.

@@ -184,8 +184,28 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>> {
     Ok(Some(s.to_owned()))
 }
 
+/// Whether `raw` starts like the documented pattern `^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9]`.
+fn looks_like_http_url(raw: &str) -> bool {
+    let lower = raw.get(..8).unwrap_or(raw).to_ascii_lowercase();
+    let rest = if lower.starts_with("https://") {
+        &raw[8..]
+    } else if lower.starts_with("http://") {
+        &raw[7..]
+    } else {
+        return false;
+    };
+    rest.chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+}
+
 fn check_url(state: &AppState, field: &str, raw: &str) -> Result<String> {
-    match state.policy.check_url(raw.trim()) {
+    if !looks_like_http_url(raw) {
+        return Err(ApiError::InvalidRequest(format!(
+            "{field} must be an http:// or https:// URL with a host"
+        )));
+    }
+    match state.policy.check_url(raw) {
         Ok(u) => Ok(u.to_string()),
         Err(e)
             if matches!(
@@ -284,7 +304,11 @@ async fn upload(
             "audio" => names::artifact::AUDIO_ORIGINAL,
             _ => {
                 let value = read_text(field, &name).await?;
-                text.insert(name, value);
+                if text.insert(name.clone(), value).is_some() {
+                    return Err(ApiError::InvalidRequest(format!(
+                        "field `{name}` given twice"
+                    )));
+                }
                 continue;
             }
         };
@@ -312,7 +336,12 @@ async fn upload(
             "multipart body needs both a `video` and an `audio` file".into(),
         ));
     };
-    let num = |k: &str| text.get(k).map(|s| s.trim()).filter(|s| !s.is_empty());
+    // Empty and `null` text fields mean "not given" (form encoders write None that way).
+    let num = |k: &str| {
+        text.get(k)
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty() && *s != "null")
+    };
     let parse_err = |k: &str| ApiError::InvalidRequest(format!("{k} is not a valid number"));
     let steps = num("inference_steps")
         .map(|s| s.parse::<u32>().map_err(|_| parse_err("inference_steps")))
@@ -502,7 +531,7 @@ async fn accept(
     }
     state.metrics.submitted.inc();
     tracing::info!(task_id = %task_id, "task queued");
-    let queue_position = state.index.position(&record).or(Some(0));
+    let queue_position = state.index.position(&record.task_id).or(Some(0));
     Ok(Json(SyncResponse {
         task_id,
         queue_position,
@@ -542,7 +571,7 @@ async fn replay(state: &AppState, kv_key: &str, hash: &str) -> Result<Response> 
             state.index.apply(rev, rec.clone());
             return Ok(Json(SyncResponse {
                 task_id: rec.task_id.clone(),
-                queue_position: state.index.position(&rec),
+                queue_position: state.index.position(&rec.task_id),
                 status: rec.status.as_str().into(),
                 message: "existing task for this Idempotency-Key".into(),
             })
@@ -576,6 +605,12 @@ mod tests {
             ),
             Err(ApiError::InvalidRequest(_))
         ));
+        assert!(super::looks_like_http_url("HTTPS://a"));
+        assert!(super::looks_like_http_url("http://10.0.0.1/x"));
+        assert!(!super::looks_like_http_url(" http://a"));
+        assert!(!super::looks_like_http_url("http://"));
+        assert!(!super::looks_like_http_url("http://-a"));
+        assert!(!super::looks_like_http_url("ftp://a"));
         let ok = parse_json(br#"{"video_url":"http://a/v","audio_url":"http://a/a","extra":1}"#)
             .unwrap();
         assert_eq!(ok.inference_steps, None);
