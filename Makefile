@@ -43,6 +43,7 @@ lint: setup
 	$(ENV) cargo fmt --all --check
 	$(ENV) cargo clippy --workspace --all-targets -- -D warnings
 	$(ENV) if [ -f scripts/check_log_format.sh ]; then bash scripts/check_log_format.sh; fi
+	$(ENV) bash scripts/lint-deploy.sh
 
 fmt: setup
 	$(ENV) cargo fmt --all
