@@ -333,7 +333,8 @@ impl Blender {
                 let px = &mut frame[(y * self.width + x) * 3..(y * self.width + x) * 3 + 3];
                 for c in 0..3 {
                     let out = alpha * face[c] + (1.0 - alpha) * f32::from(px[c]);
-                    px[c] = out.round().clamp(0.0, 255.0) as u8;
+                    // Non-negative after the clamp: truncating x + 0.5 rounds (and stays inline).
+                    px[c] = (out + 0.5).clamp(0.0, 255.0) as u8;
                 }
             }
         }
@@ -344,7 +345,7 @@ impl Blender {
 fn sample(img: &[f32], w: usize, h: usize, u: f64, v: f64) -> [f32; 3] {
     let axis = |p: f64, n: usize| -> (usize, usize, f32) {
         let p = p.clamp(0.0, (n - 1) as f64);
-        let i = (p.floor() as usize).min(n.saturating_sub(2));
+        let i = (p as usize).min(n.saturating_sub(2));
         let j = (i + 1).min(n - 1);
         (i, j, (p - i as f64) as f32)
     };

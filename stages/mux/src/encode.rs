@@ -58,6 +58,8 @@ pub struct EncodeSpec<'a> {
     pub crf: u8,
     /// x264 preset.
     pub preset: &'a str,
+    /// x264 threads, 0 = x264's choice.
+    pub threads: u32,
     /// Audio to mux (first audio stream), trimmed to the video.
     pub audio: Option<&'a Path>,
     /// AAC bit rate (`-b:a`), none = ffmpeg's default.
@@ -111,6 +113,8 @@ pub fn command(spec: &EncodeSpec<'_>) -> Command {
         spec.preset,
         "-crf",
         &spec.crf.to_string(),
+        "-threads",
+        &spec.threads.to_string(),
         "-pix_fmt",
         "yuv420p",
         "-colorspace",
@@ -319,6 +323,7 @@ mod tests {
             format: PixelFormat::Rgb24,
             crf: 18,
             preset: "medium",
+            threads: 0,
             audio: Some(Path::new("/x/a.wav")),
             audio_bitrate: None,
             bt709: false,

@@ -95,8 +95,10 @@ async fn main() {
                     scratch: &scratch,
                 };
                 let stats = render(&job, &opts, &Progress::default())?;
+                let (cpu, hwm_kb) = own_usage();
                 println!(
-                    "{} frames ({} with a face) in {:.3} s: {:.1} frames/s, {} video decode(s)",
+                    "{} frames ({} with a face) in {:.3} s: {:.1} frames/s, {} video decode(s); \
+                     this process: cpu {cpu:.2} s, peak rss {hwm_kb} kB",
                     stats.frames,
                     stats.faces,
                     stats.secs,
@@ -111,4 +113,27 @@ async fn main() {
             }
         }
     }
+}
+
+/// CPU seconds (user + system) and peak RSS (kB) of this process alone, without the
+/// ffmpeg children (Linux `/proc`; zeros elsewhere).
+fn own_usage() -> (f64, u64) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name: state is field 3; utime and stime are 14 and 15.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cpu = (ticks(11) + ticks(12)) / 100.0;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    (cpu, hwm)
 }

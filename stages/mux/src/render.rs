@@ -48,6 +48,8 @@ pub struct RenderOptions {
     pub crf: u8,
     /// x264 preset of the result.
     pub preset: String,
+    /// x264 threads of the result encoder, 0 = x264's choice.
+    pub threads: u32,
     /// x264 CRF of the mask video.
     pub mask_crf: u8,
     /// x264 preset of the mask video.
@@ -102,6 +104,7 @@ impl RenderOptions {
         Ok(Self {
             crf: cfg.crf,
             preset: cfg.preset.clone(),
+            threads: cfg.encoder_threads,
             mask_crf: cfg.mask_crf,
             mask_preset: cfg.mask_preset.clone(),
             audio_bitrate: cfg.audio_bitrate.clone(),
@@ -219,6 +222,7 @@ pub fn render(
         format: PixelFormat::Rgb24,
         crf: opts.crf,
         preset: &opts.preset,
+        threads: opts.threads,
         audio: Some(job.audio),
         audio_bitrate: opts.audio_bitrate.as_deref(),
         bt709,
@@ -231,6 +235,7 @@ pub fn render(
         format: PixelFormat::Gray,
         crf: opts.mask_crf,
         preset: &opts.mask_preset,
+        threads: 2,
         audio: None,
         audio_bitrate: None,
         bt709,
@@ -263,7 +268,7 @@ pub fn render(
         for y in r.y0..r.y1 {
             let row = &soft[(y - r.y0) * r.width()..(y - r.y0 + 1) * r.width()];
             for (o, s) in grey[y * w + r.x0..y * w + r.x1].iter_mut().zip(row) {
-                *o = (s * 255.0).round().clamp(0.0, 255.0) as u8;
+                *o = (s * 255.0 + 0.5).clamp(0.0, 255.0) as u8;
             }
         }
         result.send(frame)?;
