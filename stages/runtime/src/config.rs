@@ -269,8 +269,9 @@ pub struct GatewayConfig {
     pub webhook_max_attempts: u32,
     /// Webhook request timeout in seconds. Default 10.
     pub webhook_timeout_s: u64,
-    /// Model names clients may request via `inference_ckpt_path` (first is the default).
-    /// Default `["latentsync-1.6", "latentsync-1.5", "tiny"]`.
+    /// Further model names clients may request via `inference_ckpt_path`. The profile
+    /// this deployment serves (`models.profile`, or what `auto` finds installed) is always
+    /// allowed and is the default. Default none (only the served profile).
     pub models: Vec<String>,
     /// Default DDIM steps. Default 20.
     pub default_steps: u32,

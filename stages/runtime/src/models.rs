@@ -329,6 +329,27 @@ pub fn resolve(cfg: &ModelsConfig, roles: &[&str]) -> Result<ResolvedProfile, Mo
     Ok(p)
 }
 
+/// Name of the profile this deployment serves, without checksumming anything (cheap; for
+/// the gateway's default model): a named profile as configured; for `auto`, the first
+/// real profile whose files are all present, else `tiny`.
+pub fn service_profile_name(cfg: &ModelsConfig) -> String {
+    if cfg.profile != "auto" {
+        return cfg.profile.clone();
+    }
+    if let Ok(m) = Manifest::load(&cfg.manifest) {
+        let base = cfg.manifest.parent().unwrap_or(Path::new("."));
+        for name in ["latentsync-1.6", "latentsync-1.5"] {
+            if let Some(p) = m.profiles.get(name) {
+                let dir = base.join(&p.dir);
+                if p.models.values().all(|f| dir.join(&f.file).is_file()) {
+                    return name.to_owned();
+                }
+            }
+        }
+    }
+    "tiny".to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,459 @@
+//! The whole service for end-to-end tests: a real nats-server, the real stage binaries
+//! and gateway binary (from the workspace's target directory; `make test` builds them),
+//! a loopback HTTP server with test media, and helpers to submit and follow tasks.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use axum::Router;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use serde_json::Value;
+
+use crate::{NatsServer, free_port, wait_for, workspace_root};
+
+/// Every stage binary, in pipeline order.
+pub const STAGES: [&str; 5] = ["fetch", "face", "audio", "infer", "mux"];
+
+/// Directory of the workspace's debug binaries.
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("debug")
+}
+
+/// Path of a binary, failing with a hint when it was not built.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let p = bin_dir().join(name);
+    if !p.exists() {
+        bail!(
+            "{} not built: run `cargo build --workspace --bins` (make test does)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// Run ffmpeg with `args`, panicking with its stderr on failure.
+pub fn ffmpeg(args: &[&str]) {
+    let out = Command::new("ffmpeg")
+        .args(["-nostdin", "-v", "error", "-y"])
+        .args(args)
+        .output()
+        .expect("ffmpeg runs");
+    assert!(
+        out.status.success(),
+        "ffmpeg {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The test portrait (public-domain astronaut from scikit-image), fetched by set-up.
+pub fn portrait() -> PathBuf {
+    workspace_root().join("tests/assets/generated/astronaut.png")
+}
+
+/// A folder of test media served over loopback HTTP.
+pub struct MediaServer {
+    /// Where the files are.
+    pub root: PathBuf,
+    /// Server address.
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl MediaServer {
+    /// Serve a fresh temp folder.
+    pub async fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let root = dir.path().to_path_buf();
+        let app = Router::new()
+            .route("/{name}", get(serve))
+            .with_state(root.clone());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = l.local_addr()?;
+        tokio::spawn(async move {
+            let _ = axum::serve(l, app).await;
+        });
+        Ok(Self {
+            root,
+            addr,
+            _dir: dir,
+        })
+    }
+
+    /// URL of a file in the folder.
+    pub fn url(&self, name: &str) -> String {
+        format!("http://{}/{name}", self.addr)
+    }
+
+    /// Path of a file in the folder.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// A clip of the portrait: `secs` seconds at `fps`, scaled to `w`x`h`, with a slow pan
+    /// so frames differ; with a sine sound track when `sound`.
+    pub fn face_clip(&self, name: &str, secs: f64, w: u32, h: u32, fps: u32, sound: bool) {
+        let out = self.path(name);
+        let secs_s = format!("{secs}");
+        let vf = format!(
+            "scale={}:{},crop={w}:{h}:'(iw-{w})/2+sin(t)*4':'(ih-{h})/2',setsar=1",
+            w + 16,
+            h + 16
+        );
+        let fps_s = fps.to_string();
+        let portrait = portrait();
+        let mut args: Vec<&str> = vec!["-loop", "1", "-framerate", &fps_s, "-i"];
+        args.push(portrait.to_str().expect("utf-8 path"));
+        if sound {
+            args.extend(["-f", "lavfi", "-i", "sine=frequency=330:sample_rate=44100"]);
+        }
+        args.extend(["-t", &secs_s, "-vf", &vf, "-r", &fps_s]);
+        args.extend([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-pix_fmt",
+            "yuv420p",
+        ]);
+        if sound {
+            args.extend(["-c:a", "aac", "-shortest"]);
+        }
+        args.push(out.to_str().expect("utf-8 path"));
+        ffmpeg(&args);
+    }
+
+    /// Speech-like audio: a tone sweep of `secs` seconds as 44.1 kHz WAV.
+    pub fn audio(&self, name: &str, secs: f64) {
+        let src = format!("sine=frequency=220:sample_rate=44100:duration={secs}");
+        let out = self.path(name);
+        ffmpeg(&[
+            "-f",
+            "lavfi",
+            "-i",
+            &src,
+            "-af",
+            "volume='0.5+0.5*sin(2*PI*3*t)':eval=frame",
+            out.to_str().expect("utf-8 path"),
+        ]);
+    }
+}
+
+async fn serve(State(root): State<PathBuf>, UrlPath(name): UrlPath<String>) -> impl IntoResponse {
+    if name.contains('/') || name.contains("..") {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    match tokio::fs::read(root.join(&name)).await {
+        Ok(b) => b.into_response(),
+        Err(_) => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// The running service.
+pub struct Pipeline {
+    /// The NATS server.
+    pub nats: NatsServer,
+    /// Test media over HTTP.
+    pub media: MediaServer,
+    /// Gateway port on 127.0.0.1.
+    pub gateway_port: u16,
+    /// Where the mux stage also writes outputs (`outputs/{task_id}/`).
+    pub outputs: tempfile::TempDir,
+    ports: BTreeMap<String, u16>,
+    procs: BTreeMap<String, Vec<Child>>,
+    env: Vec<(String, String)>,
+    http: reqwest::Client,
+}
+
+impl Pipeline {
+    /// Start nats-server, every stage binary and the gateway; wait until all are ready.
+    pub async fn start() -> Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// Like [`Pipeline::start`] with extra `LIPSYNC_*` environment for every process.
+    pub async fn start_with(extra_env: &[(&str, &str)]) -> Result<Self> {
+        let nats = NatsServer::start().await?;
+        let media = MediaServer::start().await?;
+        let outputs = tempfile::tempdir()?;
+        let mut env: Vec<(String, String)> = vec![
+            ("LIPSYNC_NATS__URL".into(), nats.url()),
+            ("LIPSYNC_NATS__ACK_WAIT_S".into(), "4".into()),
+            ("LIPSYNC_RUNNER__NAK_DELAY_S".into(), "0.2".into()),
+            ("LIPSYNC_RUNNER__NAK_DELAY_MAX_S".into(), "1".into()),
+            ("LIPSYNC_RUNNER__PULL_EXPIRES_S".into(), "1".into()),
+            ("LIPSYNC_RUNNER__PROGRESS_INTERVAL_MS".into(), "100".into()),
+            ("LIPSYNC_RUNNER__SHUTDOWN_GRACE_S".into(), "5".into()),
+            (
+                "LIPSYNC_FETCH__ALLOW_PRIVATE_NETWORKS".into(),
+                "true".into(),
+            ),
+            ("LIPSYNC_MODELS__PROFILE".into(), "tiny".into()),
+            ("LIPSYNC_FACE__INTRA_THREADS".into(), "1".into()),
+            ("LIPSYNC_AUDIO__INTRA_THREADS".into(), "1".into()),
+            ("LIPSYNC_INFER__INTRA_THREADS".into(), "1".into()),
+            (
+                "LIPSYNC_MUX__LOCAL_DIR".into(),
+                outputs.path().to_string_lossy().into_owned(),
+            ),
+            ("LIPSYNC_LOG__FILTER".into(), "warn".into()),
+        ];
+        for (k, v) in extra_env {
+            env.push(((*k).into(), (*v).into()));
+        }
+        let mut ports = BTreeMap::new();
+        for s in STAGES {
+            ports.insert(s.to_owned(), free_port());
+        }
+        let gateway_port = free_port();
+        ports.insert("gateway".into(), gateway_port);
+        let mut p = Self {
+            nats,
+            media,
+            gateway_port,
+            outputs,
+            ports,
+            procs: BTreeMap::new(),
+            env,
+            http: reqwest::Client::new(),
+        };
+        for s in STAGES {
+            p.spawn(s)?;
+        }
+        p.spawn("gateway")?;
+        for s in STAGES.iter().copied().chain(["gateway"]) {
+            p.wait_ready(s).await?;
+        }
+        Ok(p)
+    }
+
+    /// Gateway base URL.
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.gateway_port)
+    }
+
+    /// Operations address of a process (`/metrics`, `/readyz`).
+    pub fn ops(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}", self.ports[name])
+    }
+
+    /// Start one more process of `name` (a stage or `gateway`). A second replica of a
+    /// stage gets its own operations port.
+    pub fn spawn(&mut self, name: &str) -> Result<()> {
+        let bin = binary(&format!("lipsync-{name}"))?;
+        let replicas = self.procs.get(name).map_or(0, |v| v.len());
+        let port = if replicas == 0 {
+            self.ports[name]
+        } else {
+            free_port()
+        };
+        let listen_key = format!("LIPSYNC_{}__LISTEN", name.to_uppercase());
+        let mut cmd = Command::new(bin);
+        cmd.current_dir(workspace_root())
+            .env(listen_key, format!("127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn lipsync-{name}"))?;
+        self.procs.entry(name.to_owned()).or_default().push(child);
+        Ok(())
+    }
+
+    /// Wait until the first process of `name` answers `/readyz` with 200.
+    pub async fn wait_ready(&self, name: &str) -> Result<()> {
+        let url = format!("{}/readyz", self.ops(name));
+        let http = self.http.clone();
+        wait_for(Duration::from_secs(60), || {
+            let http = http.clone();
+            let url = url.clone();
+            async move {
+                let r = http.get(&url).send().await.ok()?;
+                r.status().is_success().then_some(())
+            }
+        })
+        .await
+        .with_context(|| format!("lipsync-{name} not ready"))
+    }
+
+    /// SIGKILL every process of `name`.
+    pub fn kill(&mut self, name: &str) {
+        for mut c in self.procs.remove(name).unwrap_or_default() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGKILL `name` and start it again, waiting until it is ready.
+    pub async fn restart(&mut self, name: &str) -> Result<()> {
+        self.kill(name);
+        self.spawn(name)?;
+        self.wait_ready(name).await
+    }
+
+    /// Submit through the seed API; returns the whole answer.
+    pub async fn submit(&self, body: Value) -> Result<Value> {
+        let r = self
+            .http
+            .post(format!("{}/sync", self.base()))
+            .json(&body)
+            .send()
+            .await?;
+        let status = r.status();
+        let v: Value = r.json().await?;
+        if !status.is_success() {
+            bail!("POST /sync answered {status}: {v}");
+        }
+        Ok(v)
+    }
+
+    /// Submit `video` and `audio` (names in the media folder); returns the task id.
+    pub async fn submit_media(&self, video: &str, audio: &str) -> Result<String> {
+        let v = self
+            .submit(serde_json::json!({
+                "video_url": self.media.url(video),
+                "audio_url": self.media.url(audio),
+                "inference_steps": 4,
+                "seed": 7,
+            }))
+            .await?;
+        Ok(v["task_id"].as_str().context("task_id")?.to_owned())
+    }
+
+    /// The task record as the gateway serves it.
+    pub async fn task(&self, id: &str) -> Result<Value> {
+        Ok(self
+            .http
+            .get(format!("{}/task/{id}", self.base()))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// Poll until the task is completed or failed.
+    pub async fn wait_done(&self, id: &str, timeout: Duration) -> Result<Value> {
+        wait_for(timeout, || async {
+            let t = self.task(id).await.ok()?;
+            matches!(t["status"].as_str(), Some("completed" | "failed")).then_some(t)
+        })
+        .await
+        .with_context(|| format!("task {id} did not finish"))
+    }
+
+    /// Download a path of the gateway (e.g. the task's `output_video_url`) to `dest`.
+    pub async fn download(&self, path: &str, dest: &Path) -> Result<()> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base()))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("GET {path}: {}", r.status());
+        }
+        tokio::fs::write(dest, r.bytes().await?).await?;
+        Ok(())
+    }
+
+    /// Scrape a process's metrics.
+    pub async fn metrics(&self, name: &str) -> Result<String> {
+        Ok(self
+            .http
+            .get(format!("{}/metrics", self.ops(name)))
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        let names: Vec<String> = self.procs.keys().cloned().collect();
+        for n in names {
+            self.kill(&n);
+        }
+    }
+}
+
+/// ffprobe facts of a result file.
+#[derive(Debug)]
+pub struct Probe {
+    /// Width, height.
+    pub size: (u32, u32),
+    /// Video frame rate.
+    pub fps: f64,
+    /// Number of video frames.
+    pub frames: u64,
+    /// Audio stream duration in seconds, if any.
+    pub audio_s: Option<f64>,
+}
+
+/// Probe a result video (counting frames).
+pub fn probe(path: &Path) -> Result<Probe> {
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-count_frames",
+            "-show_streams",
+            "-of",
+            "json",
+        ])
+        .arg(path)
+        .output()?;
+    if !out.status.success() {
+        bail!("ffprobe: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let streams = v["streams"].as_array().context("streams")?;
+    let video = streams
+        .iter()
+        .find(|s| s["codec_type"] == "video")
+        .context("no video stream")?;
+    let rate = video["avg_frame_rate"].as_str().unwrap_or("0/1");
+    let (n, d) = rate.split_once('/').unwrap_or((rate, "1"));
+    let fps = n.parse::<f64>().unwrap_or(0.0) / d.parse::<f64>().unwrap_or(1.0).max(1e-9);
+    let audio_s = streams
+        .iter()
+        .find(|s| s["codec_type"] == "audio")
+        .and_then(|a| a["duration"].as_str())
+        .and_then(|d| d.parse().ok());
+    Ok(Probe {
+        size: (
+            video["width"].as_u64().unwrap_or(0) as u32,
+            video["height"].as_u64().unwrap_or(0) as u32,
+        ),
+        fps,
+        frames: video["nb_read_frames"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        audio_s,
+    })
+}
+
+/// Decode every frame of a video as RGB24 (small test clips only).
+pub fn frames(path: &Path) -> Result<(u32, u32, Vec<Vec<u8>>)> {
+    let mut r = lipsync_runtime::media::FrameReader::open(path)?;
+    let (w, h) = (r.geometry.width, r.geometry.height);
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    while r.read_into(&mut buf)? {
+        out.push(buf.clone());
+    }
+    Ok((w, h, out))
+}
