@@ -101,3 +101,124 @@ fn dilate(rgb: &[u8], w: usize, h: usize, r: usize) -> Vec<bool> {
     }
     out
 }
+
+/// The task record straight from KV (with per-stage timings, which the API omits).
+async fn record(p: &Pipeline, id: &str) -> lipsync_schemas::TaskRecord {
+    let topo = lipsync_tests::topology(&p.nats.config()).await.unwrap();
+    let store = lipsync_runtime::TaskStore::new(topo.tasks.clone());
+    store.get(id).await.unwrap().unwrap().0
+}
+
+fn span(r: &lipsync_schemas::TaskRecord, stage: &str) -> (f64, f64) {
+    let t = &r.stages[stage];
+    (t.started_at.unwrap(), t.finished_at.unwrap())
+}
+
+#[tokio::test]
+async fn ten_tasks_share_one_gpu_in_submission_order() {
+    let p = Pipeline::start().await.unwrap();
+    p.media.face_clip("face.mp4", 1.2, 512, 512, 25, false);
+    p.media.audio("voice.wav", 1.2);
+    let mut ids = Vec::new();
+    let mut positions = Vec::new();
+    for _ in 0..10 {
+        let v = p
+            .submit(serde_json::json!({
+                "video_url": p.media.url("face.mp4"),
+                "audio_url": p.media.url("voice.wav"),
+                "inference_steps": 4,
+            }))
+            .await
+            .unwrap();
+        positions.push(v["queue_position"].as_u64().unwrap());
+        ids.push(v["task_id"].as_str().unwrap().to_owned());
+    }
+    // Positions are distinct and count the tasks ahead not yet on the GPU.
+    let mut sorted = positions.clone();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 10, "positions not distinct: {positions:?}");
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+    let q: serde_json::Value = reqwest::get(format!("{}/queue", p.base()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed: Vec<&str> = q["queued_tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["task_id"].as_str().unwrap())
+        .collect();
+    let order: Vec<&str> = ids
+        .iter()
+        .map(String::as_str)
+        .filter(|i| listed.contains(i))
+        .collect();
+    assert_eq!(listed, order, "queue not in submission order");
+
+    for id in &ids {
+        let rec = p.wait_done(id, TASK_TIMEOUT).await.unwrap();
+        assert_eq!(rec["status"], "completed", "{rec}");
+    }
+    let mut recs = Vec::new();
+    for id in &ids {
+        recs.push(record(&p, id).await);
+    }
+    // Only one task was in infer at any moment.
+    let mut infer: Vec<(f64, f64)> = recs.iter().map(|r| span(r, "infer")).collect();
+    infer.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for w in infer.windows(2) {
+        assert!(w[0].1 <= w[1].0 + 1e-3, "infer overlapped: {w:?}");
+    }
+    // Face/audio work of some task ran while another task was on the GPU.
+    let overlapped = recs.iter().any(|a| {
+        let (fs, fe) = span(a, "face");
+        let (as_, ae) = span(a, "audio");
+        recs.iter().any(|b| {
+            let (is, ie) = span(b, "infer");
+            a.task_id != b.task_id && ((fs < ie && fe > is) || (as_ < ie && ae > is))
+        })
+    });
+    assert!(overlapped, "preprocessing never overlapped inference");
+    // Every task went through every stage exactly once.
+    for r in &recs {
+        for s in ["fetch", "face", "audio", "infer", "mux"] {
+            assert_eq!(r.stages[s].attempts, 1, "{} {s}", r.task_id);
+        }
+    }
+}
+
+#[tokio::test]
+async fn websocket_progress_rises_to_completion_then_closes() {
+    use futures::StreamExt;
+    let p = Pipeline::start().await.unwrap();
+    p.media.face_clip("face.mp4", 1.2, 512, 512, 25, false);
+    p.media.audio("voice.wav", 1.2);
+    let id = p.submit_media("face.mp4", "voice.wav").await.unwrap();
+    let url = format!("ws://127.0.0.1:{}/task/{id}/ws", p.gateway_port);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut progress = Vec::new();
+    let mut last_status = String::new();
+    let deadline = Instant::now() + TASK_TIMEOUT;
+    while let Ok(Some(msg)) = tokio::time::timeout_at(deadline.into(), ws.next()).await {
+        match msg.unwrap() {
+            tokio_tungstenite::tungstenite::Message::Text(t) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                progress.push(v["progress"].as_f64().unwrap());
+                last_status = v["status"].as_str().unwrap().to_owned();
+            }
+            tokio_tungstenite::tungstenite::Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(last_status, "completed");
+    assert!(progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");
+    assert_eq!(*progress.last().unwrap(), 1.0);
+    // Updates came through every band, not only the final one.
+    assert!(
+        progress.iter().any(|&x| x > 0.25 && x < 0.9),
+        "{progress:?}"
+    );
+    assert!(progress.len() >= 5, "{progress:?}");
+}
