@@ -246,7 +246,7 @@ mod tests {
         let mut u = vec![1.0f32, -2.0, 0.5];
         let c = [3.0f32, -2.0, -0.5];
         guide(&mut u, &c, 1.5);
-        assert_eq!(u, vec![1.0 + 1.5 * 2.0, -2.0, 0.5 + 1.5 * -1.0]);
+        assert_eq!(u, vec![1.0 + 1.5 * 2.0, -2.0, 0.5 - 1.5]);
         let mut u = vec![4.0f32];
         guide(&mut u, &[2.0], 1.0);
         assert_eq!(u, vec![2.0]);

@@ -220,7 +220,7 @@ fn with_threads(builder: SessionBuilder, threads: usize) -> Result<SessionBuilde
 #[cfg(feature = "cuda")]
 fn want_cuda(device: Device) -> Result<bool> {
     use ort::ep::ExecutionProvider;
-    let available = ort::ep::CUDA::default().is_available().unwrap_or(false);
+    let available = ort::ep::CUDA::is_available().unwrap_or(false);
     match device {
         Device::Cpu => Ok(false),
         Device::Auto => Ok(available),

@@ -122,7 +122,15 @@ impl CropStore {
             let inv = track.frames.get(idx).and_then(|f| invert_affine(&f.affine));
             let crop = match inv {
                 Some(inv) => {
-                    warp_affine(&frame, w, h, &inv, g.crop_w, g.crop_h, g.fill, &mut warped);
+                    warp_affine(
+                        &frame,
+                        w,
+                        h,
+                        &inv,
+                        (g.crop_w, g.crop_h),
+                        g.fill,
+                        &mut warped,
+                    );
                     resize_lanczos(&warped, g.crop_w, g.crop_h, 3, g.resolution, g.resolution)
                 }
                 None => grey.clone(),

@@ -22,8 +22,7 @@ pub fn warp_affine(
     width: usize,
     height: usize,
     inv: &[[f64; 3]; 2],
-    out_w: usize,
-    out_h: usize,
+    (out_w, out_h): (usize, usize),
     fill: u8,
     out: &mut Vec<u8>,
 ) {
@@ -199,15 +198,15 @@ mod tests {
         let frame: Vec<u8> = (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect();
         let id = invert_affine(&[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).unwrap();
         let mut out = Vec::new();
-        warp_affine(&frame, w, h, &id, w, h, 127, &mut out);
+        warp_affine(&frame, w, h, &id, (w, h), 127, &mut out);
         assert_eq!(out, frame);
         // Shift by +10 px: all outside.
         let sh = invert_affine(&[[1.0, 0.0, 10.0], [0.0, 1.0, 0.0]]).unwrap();
-        warp_affine(&frame, w, h, &sh, w, h, 127, &mut out);
+        warp_affine(&frame, w, h, &sh, (w, h), 127, &mut out);
         assert!(out.iter().all(|&v| v == 127));
         // Scale 2 (frame -> crop): crop pixel (2,2) is frame pixel (1,1).
         let s2 = invert_affine(&[[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]).unwrap();
-        warp_affine(&frame, w, h, &s2, 4, 4, 127, &mut out);
+        warp_affine(&frame, w, h, &s2, (4, 4), 127, &mut out);
         let o = (2 * 4 + 2) * 3;
         let f = (w + 1) * 3;
         assert_eq!(&out[o..o + 3], &frame[f..f + 3]);

@@ -19,6 +19,7 @@ mod error;
 pub mod frames;
 pub mod image;
 pub mod mask;
+pub mod metrics;
 pub mod noise;
 pub mod pipeline;
 mod stage;

@@ -31,6 +31,8 @@ pub struct InferStage {
     vae_sample: bool,
     prefetch: usize,
     scratch: PathBuf,
+    /// When the workers last became idle (for `lipsync_infer_idle_seconds_total`).
+    idle_since: Mutex<Option<std::time::Instant>>,
 }
 
 impl InferStage {
@@ -47,7 +49,7 @@ impl InferStage {
             lipsync_runtime::models::resolve(&cfg.models, &["vae_encoder", "vae_decoder", "unet"])
                 .map_err(|e| InferError::Model(e.to_string()))?;
         let r = profile.profile.resolution as usize;
-        if r == 0 || r % 8 != 0 {
+        if r == 0 || !r.is_multiple_of(8) {
             return Err(InferError::Model(format!(
                 "profile resolution {r} is not a multiple of 8"
             )));
@@ -84,6 +86,7 @@ impl InferStage {
                 .scratch_dir
                 .clone()
                 .unwrap_or_else(std::env::temp_dir),
+            idle_since: Mutex::new(Some(std::time::Instant::now())),
         })
     }
 
@@ -153,6 +156,12 @@ impl InferStage {
             .expect("engine pool")
             .pop()
             .ok_or_else(|| InferError::Model("no free gpu worker".into()))?;
+        let m = crate::metrics::metrics();
+        if let Some(since) = self.idle_since.lock().expect("idle clock").take() {
+            m.idle_seconds
+                .with_label_values(&["infer"])
+                .inc_by(since.elapsed().as_secs_f64());
+        }
         let inputs = JobInputs {
             video,
             track,
@@ -169,6 +178,18 @@ impl InferStage {
             control,
         );
         self.engines.lock().expect("engine pool").push(engine);
+        *self.idle_since.lock().expect("idle clock") = Some(std::time::Instant::now());
+        if let Ok(r) = &res {
+            let outside = r.wall_time.saturating_sub(r.model_time);
+            m.idle_seconds
+                .with_label_values(&["infer"])
+                .inc_by(outside.as_secs_f64());
+            if r.output_frames > 0 {
+                m.seconds_per_output_second
+                    .with_label_values(&["infer"])
+                    .observe(r.wall_time.as_secs_f64() / (r.output_frames as f64 / 25.0));
+            }
+        }
         res
     }
 }
@@ -298,6 +319,10 @@ impl InferStage {
             )
         });
         let mut stopped_by: Option<JobError> = None;
+        let steps_gauge = crate::metrics::metrics()
+            .steps_per_second
+            .with_label_values(&["infer"]);
+        let steps_started = std::time::Instant::now();
         let result = loop {
             tokio::select! {
                 res = &mut work => break res,
@@ -305,6 +330,7 @@ impl InferStage {
                     if stopped_by.is_some() {
                         continue;
                     }
+                    steps_gauge.set(done as f64 / steps_started.elapsed().as_secs_f64().max(1e-3));
                     let msg = format!("infer: denoising step {done}/{total}");
                     let fraction = done as f64 / total.max(1) as f64;
                     let res = match ctx.progress(fraction, &msg).await {
@@ -318,6 +344,7 @@ impl InferStage {
                 }
             }
         };
+        steps_gauge.set(0.0);
         let report = match result {
             Ok(Ok(r)) => r,
             Ok(Err(InferError::Stopped)) => {

@@ -153,8 +153,7 @@ fn frames_without_a_face_keep_their_warped_crop() {
         320,
         240,
         &inv,
-        g.crop_w,
-        g.crop_h,
+        (g.crop_w, g.crop_h),
         g.fill,
         &mut warped,
     );
