@@ -37,6 +37,7 @@ up: build
 test: setup
 	$(ENV) cargo fmt --all --check
 	$(ENV) cargo clippy --workspace --all-targets -- -D warnings
+	$(ENV) cargo build --workspace --bins
 	$(ENV) cargo nextest run --workspace --profile $(NEXTEST_PROFILE)
 
 lint: setup

@@ -222,3 +222,84 @@ async fn websocket_progress_rises_to_completion_then_closes() {
     );
     assert!(progress.len() >= 5, "{progress:?}");
 }
+
+#[tokio::test]
+async fn seed_guide_snippets_complete_against_the_whole_service() {
+    let p = Pipeline::start().await.unwrap();
+    p.media.face_clip("face.mp4", 1.2, 512, 512, 25, false);
+    p.media.audio("voice.wav", 1.2);
+    let work = tempfile::tempdir().unwrap();
+    let python = std::env::var("LIPSYNC_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = lipsync_tests::workspace_root().join("tests/seed_client.py");
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .args(["--base", &p.base()])
+        .args(["--video-url", &p.media.url("face.mp4")])
+        .args(["--audio-url", &p.media.url("voice.wav")])
+        .args(["--until", "completed", "--poll-scale", "0.05"])
+        .arg("--workdir")
+        .arg(work.path())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("FINAL_STATUS=completed"), "{stdout}");
+    // Snippet 3 saved both files; they are playable videos.
+    for f in ["result_video.mp4", "result_mask.mp4", "result.mp4"] {
+        let path = work.path().join(f);
+        if path.exists() {
+            let pr = probe(&path).unwrap();
+            assert!(pr.frames > 0 && (pr.fps - 25.0).abs() < 0.01, "{f}: {pr:?}");
+        }
+    }
+    assert!(
+        work.path().join("result_mask.mp4").exists(),
+        "mask not downloaded"
+    );
+
+    // Every binary exports its series after the run (with a `stage` label).
+    let id = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("TASK_ID="))
+        .unwrap()
+        .to_owned();
+    assert_eq!(p.task(&id).await.unwrap()["status"], "completed");
+    for s in ["fetch", "face", "audio", "infer", "mux"] {
+        let m = p.metrics(s).await.unwrap();
+        for series in [
+            format!("lipsync_jobs_started_total{{stage=\"{s}\"}} 1"),
+            format!("lipsync_jobs_succeeded_total{{stage=\"{s}\"}} 1"),
+            format!("lipsync_job_duration_seconds_count{{stage=\"{s}\"}} 1"),
+            format!("lipsync_jobs_in_flight{{stage=\"{s}\"}} 0"),
+        ] {
+            assert!(m.contains(&series), "{s} lacks `{series}`:\n{m}");
+        }
+    }
+    let infer = p.metrics("infer").await.unwrap();
+    for name in [
+        "lipsync_infer_steps_per_second",
+        "lipsync_infer_seconds_per_output_second",
+        "lipsync_infer_idle_seconds_total",
+    ] {
+        assert!(infer.contains(name), "infer lacks {name}");
+    }
+    let gw = reqwest::get(format!("{}/metrics", p.base()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "lipsync_http_requests_total",
+        "lipsync_tasks_submitted_total",
+        "lipsync_queue_length",
+        "lipsync_stage_backlog",
+    ] {
+        assert!(gw.contains(name), "gateway lacks {name}");
+    }
+}

@@ -76,11 +76,15 @@ impl StageMetrics {
     }
 }
 
-/// Render a registry in the Prometheus text format.
+/// Render a registry, plus the process-wide default registry (where stage-specific
+/// metrics such as the infer stage's are registered), in the Prometheus text format.
 pub fn render(registry: &Registry) -> String {
     let mut buf = Vec::new();
     let encoder = TextEncoder::new();
-    if encoder.encode(&registry.gather(), &mut buf).is_err() {
+    let mut families = registry.gather();
+    families.extend(prometheus::gather());
+    families.sort_by(|a, b| a.name().cmp(b.name()));
+    if encoder.encode(&families, &mut buf).is_err() {
         return String::new();
     }
     String::from_utf8(buf).unwrap_or_default()
