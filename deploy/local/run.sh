@@ -7,7 +7,8 @@
 #   .local/nats-data) and waits until it reports healthy.
 # - Starts every process in deploy/local/Procfile whose binary exists in
 #   target/release (or $CARGO_TARGET_DIR/release), with LIPSYNC_NATS__URL and
-#   LIPSYNC_FETCH__ALLOW_PRIVATE_NETWORKS=true (local demo) exported, each output
+#   LIPSYNC_FETCH__ALLOW_PRIVATE_NETWORKS=true (local demo) and LIPSYNC_MUX__LOCAL_DIR=outputs
+#   (results also land in outputs/{task_id}/ as the seed guide says) exported, each output
 #   line prefixed with the process name. Missing binaries are skipped with a note.
 # - Ctrl-C / SIGTERM: SIGTERM to every process, up to 30 s grace (then SIGKILL),
 #   nats-server last. If any process exits on its own, everything is stopped.
@@ -158,6 +159,7 @@ else
     log "using the NATS server at $LIPSYNC_NATS__URL (not starting one)"
 fi
 export LIPSYNC_FETCH__ALLOW_PRIVATE_NETWORKS="${LIPSYNC_FETCH__ALLOW_PRIVATE_NETWORKS:-true}"
+export LIPSYNC_MUX__LOCAL_DIR="${LIPSYNC_MUX__LOCAL_DIR:-$ROOT/outputs}"
 
 # ------------------------------------------------------------------ processes
 [[ -f "$PROCFILE" ]] || die "$PROCFILE not found"
