@@ -290,3 +290,26 @@ async fn cancellation_stops_the_job() {
     assert_eq!(jobs[0].task_id, short);
     e.stop().await;
 }
+
+#[tokio::test]
+async fn a_task_for_another_model_fails_typed() {
+    let e = env(16).await;
+    let track = e.track();
+    let features = synthetic::features(16, 1);
+    let tid = e.submit(2, Some(1), &track, &features).await;
+    // A second task whose record names a profile this stage does not run.
+    let other = uuid::Uuid::new_v4().to_string();
+    let mut rec = new_record(&other);
+    rec.request.model = "latentsync-1.6".into();
+    e.store.create(&rec).await.unwrap();
+    let job = synthetic::store_inputs(&e.artifacts, &other, &e.video, &track, &features)
+        .await
+        .unwrap();
+    lipsync_runtime::publish_work(&e.js, &job).await.unwrap();
+    let r = e.wait(&other, |r| r.status == Status::Failed).await;
+    let err = r.error.unwrap();
+    assert_eq!(err.code, lipsync_schemas::ErrorCode::ModelUnavailable);
+    assert!(err.message.contains("latentsync-1.6"), "{}", err.message);
+    assert_eq!(e.done(&tid).await.status, Status::Processing);
+    e.stop().await;
+}

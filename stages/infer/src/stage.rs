@@ -253,6 +253,16 @@ impl InferStage {
             ));
         }
 
+        if request.model != self.profile.name {
+            return Err(JobError::permanent(
+                ErrorCode::ModelUnavailable,
+                format!(
+                    "the task asks for model `{}`, but this inference stage runs `{}`",
+                    request.model, self.profile.name
+                ),
+            ));
+        }
+
         // Resolve and record the seed (a redelivery reuses it) and the test-model warning.
         let mut seed = request.seed.unwrap_or(default_seed);
         let updated = ctx
