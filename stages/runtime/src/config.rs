@@ -411,6 +411,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shipped_default_toml_matches_the_built_in_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/default.toml");
+        let cfg: Config = load(&ConfigArgs {
+            config: vec![path],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(
+            cfg == Config::default(),
+            "configs/default.toml is out of date: run scripts/gen-default-config.py"
+        );
+    }
+
+    #[test]
     fn set_flags_quote_strings_only_when_needed() {
         assert_eq!(set_flag_toml("a.b", "3"), "a.b = 3");
         assert_eq!(set_flag_toml("a.b", "true"), "a.b = true");
