@@ -52,11 +52,7 @@ async fn main() {
     lipsync_runtime::telemetry::init(&cfg.log);
     match cli.command {
         None | Some(Cmd::Serve) => {
-            let shutdown = lipsync_runtime::shutdown::install();
-            if let Err(e) = lipsync_face::run(cfg, shutdown).await {
-                tracing::error!(error = %e, "lipsync-face failed");
-                std::process::exit(1);
-            }
+            lipsync_runtime::serve("lipsync-face", cfg, lipsync_face::run).await;
         }
         Some(Cmd::Track {
             video,

@@ -42,11 +42,7 @@ async fn main() {
     lipsync_runtime::telemetry::init(&cfg.log);
     match cli.command {
         None | Some(Cmd::Serve) => {
-            let shutdown = lipsync_runtime::shutdown::install();
-            if let Err(e) = lipsync_fetch::run(cfg, shutdown).await {
-                tracing::error!(error = %e, "lipsync-fetch failed");
-                std::process::exit(1);
-            }
+            lipsync_runtime::serve("lipsync-fetch", cfg, lipsync_fetch::run).await;
         }
         Some(Cmd::Get { url, out }) => {
             if let Err(e) = get(&cfg, &url, out).await {

@@ -53,11 +53,7 @@ async fn main() {
     lipsync_runtime::telemetry::init(&cfg.log);
     match cli.command {
         None | Some(Cmd::Serve) => {
-            let shutdown = lipsync_runtime::shutdown::install();
-            if let Err(e) = lipsync_infer::run(cfg, shutdown).await {
-                tracing::error!(error = %e, "lipsync-infer failed");
-                std::process::exit(1);
-            }
+            lipsync_runtime::serve("lipsync-infer", cfg, lipsync_infer::run).await;
         }
         Some(Cmd::Bench {
             video,

@@ -62,11 +62,7 @@ async fn main() {
     lipsync_runtime::telemetry::init(&cfg.log);
     match cli.command {
         None | Some(Cmd::Serve) => {
-            let shutdown = lipsync_runtime::shutdown::install();
-            if let Err(e) = lipsync_mux::run(cfg, shutdown).await {
-                tracing::error!(error = %e, "lipsync-mux failed");
-                std::process::exit(1);
-            }
+            lipsync_runtime::serve("lipsync-mux", cfg, lipsync_mux::run).await;
         }
         Some(Cmd::Render {
             video,

@@ -124,3 +124,17 @@ pub async fn start_stage<H: Handler>(
         join,
     })
 }
+
+/// The serve mode of every stage binary: install the signal handlers, run `run` until
+/// SIGINT/SIGTERM has drained it, and exit 1 with the error logged if it fails.
+pub async fn serve<F, Fut>(name: &str, cfg: Config, run: F)
+where
+    F: FnOnce(Config, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let shutdown = shutdown::install();
+    if let Err(e) = run(cfg, shutdown).await {
+        tracing::error!(error = %e, service = name, "failed");
+        std::process::exit(1);
+    }
+}
