@@ -80,7 +80,8 @@ impl FaceSettings {
                 "face.batch_size must be within 1..=256".into(),
             ));
         }
-        if !(cfg.min_aspect <= cfg.max_aspect) {
+        // NaN fails too: a comparison with NaN is never `Less` or `Equal`.
+        if cfg.min_aspect.partial_cmp(&cfg.max_aspect).is_none_or(|o| o.is_gt()) {
             return Err(FaceError::Config(
                 "face.min_aspect must not exceed face.max_aspect".into(),
             ));
