@@ -81,7 +81,11 @@ impl FaceSettings {
             ));
         }
         // NaN fails too: a comparison with NaN is never `Less` or `Equal`.
-        if cfg.min_aspect.partial_cmp(&cfg.max_aspect).is_none_or(|o| o.is_gt()) {
+        if cfg
+            .min_aspect
+            .partial_cmp(&cfg.max_aspect)
+            .is_none_or(|o| o.is_gt())
+        {
             return Err(FaceError::Config(
                 "face.min_aspect must not exceed face.max_aspect".into(),
             ));
