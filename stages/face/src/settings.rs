@@ -34,6 +34,8 @@ pub struct FaceSettings {
     pub det_size: u32,
     /// NMS IoU.
     pub nms_iou: f32,
+    /// RetinaFace second pass on face crops.
+    pub refine: bool,
     /// Tracking settings.
     pub track: TrackSettings,
 }
@@ -100,6 +102,7 @@ impl FaceSettings {
             },
             det_size: cfg.det_size,
             nms_iou: cfg.nms_iou,
+            refine: cfg.refine_landmarks,
             track: TrackSettings {
                 filters: Filters {
                     min_score: cfg.min_score,
@@ -136,6 +139,7 @@ impl FaceSettings {
                 self.det_size,
                 min_score,
                 self.nms_iou,
+                self.refine,
             )?),
             DetectorKind::BlazeFaceFront => Box::new(BlazeFace::new(
                 &dir.join(BLAZEFACE_FRONT_FILE),

@@ -100,56 +100,83 @@ impl InputSpec {
         )
     }
 
-    /// Appends one prepared frame (RGB24, `width` x `height`) to `out`.
+    /// Appends one prepared frame (RGB24, `width` x `height`) to `out`. Strong
+    /// down-scaling first averages integer `k` x `k` boxes (anti-aliasing), then samples
+    /// bilinearly with precomputed taps.
     pub fn prepare(&self, frame: &[u8], width: usize, height: usize, out: &mut Vec<f32>) {
         let start = out.len();
         out.resize(start + self.len(), 0.0);
         let dst = &mut out[start..];
-        let plane = self.in_w * self.in_h;
         let order: [usize; 3] = if self.bgr { [2, 1, 0] } else { [0, 1, 2] };
-        let norm = |c: usize, v: f32| (v - self.mean[c]) / self.std[c];
-        let pad: [f32; 3] = [0, 1, 2].map(|c| norm(c, f32::from(self.pad[order[c]])));
-        // Frame area inside the canvas.
+        let k = ((1.0 / self.scale).floor() as usize).max(1);
+        let (src, sw, sh) = box_reduce(frame, width, height, k);
+        // Source position of output pixel centres, in reduced pixels.
+        let step = 1.0 / (self.scale * k as f64);
         let vis_w = ((width as f64 * self.scale).round() as usize).min(self.in_w);
         let vis_h = ((height as f64 * self.scale).round() as usize).min(self.in_h);
-        // Box-filtered bilinear sampling: with strong down-scaling, average k x k
-        // bilinear taps per output pixel to avoid aliasing.
-        let inv = 1.0 / self.scale;
-        let taps = (inv.ceil() as usize).clamp(1, 4);
-        let mut rgb = [0f32; 3];
+        let taps = |n_out: usize, n_src: usize| -> Vec<(usize, usize, f32)> {
+            (0..n_out)
+                .map(|i| {
+                    let s = ((i as f64 + 0.5) * step - 0.5).clamp(0.0, (n_src - 1) as f64);
+                    let i0 = s.floor() as usize;
+                    (i0, (i0 + 1).min(n_src - 1), (s - i0 as f64) as f32)
+                })
+                .collect()
+        };
+        let (xt, yt) = (taps(vis_w, sw), taps(vis_h, sh));
+        let scale_c = [0, 1, 2].map(|c| 1.0 / self.std[c]);
+        let pad: [f32; 3] =
+            [0, 1, 2].map(|c| (f32::from(self.pad[order[c]]) - self.mean[c]) * scale_c[c]);
+        let plane = self.in_w * self.in_h;
+        let mut put = |x: usize, y: usize, c: usize, v: f32| {
+            let idx = match self.layout {
+                TensorLayout::Nchw => c * plane + y * self.in_w + x,
+                TensorLayout::Nhwc => (y * self.in_w + x) * 3 + c,
+            };
+            dst[idx] = v;
+        };
+        // Padding first (right of and below the visible frame), then the frame itself.
         for y in 0..self.in_h {
-            for x in 0..self.in_w {
-                let inside = x < vis_w && y < vis_h;
-                if inside {
-                    rgb = [0.0; 3];
-                    for ty in 0..taps {
-                        let sy = (y as f64 + (ty as f64 + 0.5) / taps as f64) * inv - 0.5;
-                        for tx in 0..taps {
-                            let sx = (x as f64 + (tx as f64 + 0.5) / taps as f64) * inv - 0.5;
-                            let px = bilinear(frame, width, height, sx, sy);
-                            rgb[0] += px[0];
-                            rgb[1] += px[1];
-                            rgb[2] += px[2];
-                        }
-                    }
-                    let n = (taps * taps) as f32;
-                    rgb = rgb.map(|v| v / n);
+            let from = if y < vis_h { vis_w } else { 0 };
+            for x in from..self.in_w {
+                for (c, &v) in pad.iter().enumerate() {
+                    put(x, y, c, v);
                 }
-                for c in 0..3 {
-                    let v = if inside {
-                        norm(c, rgb[order[c]])
-                    } else {
-                        pad[c]
-                    };
-                    let idx = match self.layout {
-                        TensorLayout::Nchw => c * plane + y * self.in_w + x,
-                        TensorLayout::Nhwc => (y * self.in_w + x) * 3 + c,
-                    };
-                    dst[idx] = v;
+            }
+        }
+        for (y, &(y0, y1, fy)) in yt.iter().enumerate() {
+            let (r0, r1) = (y0 * sw, y1 * sw);
+            for (x, &(x0, x1, fx)) in xt.iter().enumerate() {
+                for (c, &sc) in order.iter().enumerate() {
+                    let top = src[(r0 + x0) * 3 + sc] * (1.0 - fx) + src[(r0 + x1) * 3 + sc] * fx;
+                    let bot = src[(r1 + x0) * 3 + sc] * (1.0 - fx) + src[(r1 + x1) * 3 + sc] * fx;
+                    let v = top * (1.0 - fy) + bot * fy;
+                    put(x, y, c, (v - self.mean[c]) * scale_c[c]);
                 }
             }
         }
     }
+}
+
+/// Averages `k` x `k` boxes of an RGB24 frame into f32 RGB (`k = 1`: a plain copy).
+fn box_reduce(frame: &[u8], width: usize, height: usize, k: usize) -> (Vec<f32>, usize, usize) {
+    if k <= 1 {
+        return (frame.iter().map(|&v| f32::from(v)).collect(), width, height);
+    }
+    let (sw, sh) = ((width / k).max(1), (height / k).max(1));
+    let mut acc = vec![0u32; sw * sh * 3];
+    for y in 0..(sh * k).min(height) {
+        let row = &frame[y * width * 3..(y + 1) * width * 3];
+        let out_row = &mut acc[(y / k) * sw * 3..(y / k + 1) * sw * 3];
+        for (x, px) in row.chunks_exact(3).take(sw * k).enumerate() {
+            let o = (x / k) * 3;
+            out_row[o] += u32::from(px[0]);
+            out_row[o + 1] += u32::from(px[1]);
+            out_row[o + 2] += u32::from(px[2]);
+        }
+    }
+    let n = (k * k) as f32;
+    (acc.into_iter().map(|v| v as f32 / n).collect(), sw, sh)
 }
 
 fn bilinear(frame: &[u8], width: usize, height: usize, sx: f64, sy: f64) -> [f32; 3] {

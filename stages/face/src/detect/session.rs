@@ -73,10 +73,17 @@ fn environment(library: Option<&Path>) -> Result<Environment> {
             .map_err(|e| FaceError::Model(format!("cannot load ONNX Runtime library: {e}")))?,
         None => ort::init(),
     };
-    let env = builder
-        .with_name("lipsync-face")
-        .build()
-        .map_err(|e| FaceError::Model(format!("cannot start ONNX Runtime: {e}")))?;
+    // ort panics when the library cannot be loaded; turn that into an error that says
+    // what to do.
+    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        builder.with_name("lipsync-face").build()
+    }))
+    .map_err(|_| {
+        FaceError::Model(
+            "cannot load the ONNX Runtime library: set ORT_DYLIB_PATH (`. .local/env.sh` after `make setup`) or face.onnxruntime_library".into(),
+        )
+    })?;
+    let env = built.map_err(|e| FaceError::Model(format!("cannot start ONNX Runtime: {e}")))?;
     *guard = Some(env.clone());
     Ok(env)
 }
