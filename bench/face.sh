@@ -33,17 +33,19 @@ clip() {
 clip c720 1280 720 8
 clip c1080 1920 1080 8
 
-# track NAME DETECTOR [extra env...]: prints "fps rss_kb"
+# track NAME DETECTOR [extra env...]: prints "fps rss_kb frames_without_face" (frames
+# without a face pass through, so a detector that misses the face still gets a figure).
 track() {
     local name=$1 det=$2
     shift 2
     local out
-    out=$( { env LIPSYNC_FACE__DETECTOR="$det" "$@" /usr/bin/time -v "$bin" track \
+    out=$( { env LIPSYNC_FACE__DETECTOR="$det" LIPSYNC_FACE__ON_MISSING=passthrough "$@" /usr/bin/time -v "$bin" track \
         "$work/$name.mp4" --out "$work/$name.$det.json"; } 2>&1 )
     local fps kb
     fps=$(grep -oE '\(([0-9.]+) frames/s\)' <<<"$out" | tr -d '(' | awk '{print $1}')
     kb=$(grep 'Maximum resident set size' <<<"$out" | awk '{print $NF}')
-    echo "$fps $kb"
+    miss=$(grep -oE '[0-9]+ without a face' <<<"$out" | awk '{print $1}')
+    echo "$fps $kb ${miss:-?}"
 }
 
 python_baseline() { # python_baseline CLIP: RetinaFace in NumPy + onnxruntime, fps
@@ -78,11 +80,12 @@ PY
 declare -A fps rss
 for c in c720 c1080; do
     for d in retinaface blazeface blazeface-back; do
-        read -r f k < <(track "$c" "$d")
-        fps[$c.$d]=$f
+        read -r f k m < <(track "$c" "$d")
+        fps[$c.$d]="$f"
+        ((m == 0)) || fps[$c.$d]="$f (no face in $m frames)"
         rss[$c.$d]=$k
     done
-    read -r f k < <(track "$c" retinaface LIPSYNC_FACE__REFINE_LANDMARKS=false)
+    read -r f k _ < <(track "$c" retinaface LIPSYNC_FACE__REFINE_LANDMARKS=false)
     fps[$c.noref]=$f
     fps[$c.py]=$(python_baseline "$work/$c.mp4")
 done
@@ -111,18 +114,18 @@ jit[noref]=$(jitter "$work/c720.noref.json")
 # Memory flatness: a short and a long 1080p clip.
 clip short1080 1920 1080 20
 clip long1080 1920 1080 "$long_s"
-read -r fs ks < <(track short1080 retinaface)
-read -r fl kl < <(track long1080 retinaface)
+read -r fs ks _ < <(track short1080 retinaface)
+read -r fl kl _ < <(track long1080 retinaface)
 
 cat <<EOF
 face bench ($(nproc) cores; lipsync-face track, release; baseline: NumPy + onnxruntime,
 same RetinaFace model at the same 640 px input, no refinement pass)
-  frames/s                      720p     1080p
-  retinaface (default, refined) $(printf '%-8s %s' "${fps[c720.retinaface]}" "${fps[c1080.retinaface]}")
-  retinaface, no refinement     $(printf '%-8s %s' "${fps[c720.noref]}" "${fps[c1080.noref]}")
-  blazeface (128 px)            $(printf '%-8s %s' "${fps[c720.blazeface]}" "${fps[c1080.blazeface]}")
-  blazeface-back (256 px)       $(printf '%-8s %s' "${fps[c720.blazeface-back]}" "${fps[c1080.blazeface-back]}")
-  baseline python retinaface    $(printf '%-8s %s' "${fps[c720.py]}" "${fps[c1080.py]}")
+  frames/s                      720p                         1080p
+  retinaface (default, refined) $(printf '%-28s %s' "${fps[c720.retinaface]}" "${fps[c1080.retinaface]}")
+  retinaface, no refinement     $(printf '%-28s %s' "${fps[c720.noref]}" "${fps[c1080.noref]}")
+  blazeface (128 px)            $(printf '%-28s %s' "${fps[c720.blazeface]}" "${fps[c1080.blazeface]}")
+  blazeface-back (256 px)       $(printf '%-28s %s' "${fps[c720.blazeface-back]}" "${fps[c1080.blazeface-back]}")
+  baseline python retinaface    $(printf '%-28s %s' "${fps[c720.py]}" "${fps[c1080.py]}")
   landmark jitter on a 720p pan (robust std of eyes+nose, px; lower is steadier):
     retinaface refined ${jit[retinaface]}, unrefined ${jit[noref]}, blazeface ${jit[blazeface]}, blazeface-back ${jit[blazeface-back]}
   peak RSS 1080p: 20 s clip $((ks / 1024)) MB ($fs frames/s), ${long_s} s clip $((kl / 1024)) MB ($fl frames/s) (goal <= 1024 MB, flat)
