@@ -98,7 +98,7 @@ impl FaceSettings {
             session: SessionOptions {
                 device: Device::parse(&cfg.device)?,
                 intra_threads: cfg.intra_threads,
-                library: cfg.onnxruntime_library.clone(),
+                library: cfg.ort_dylib_path.clone(),
             },
             det_size: cfg.det_size,
             nms_iou: cfg.nms_iou,

@@ -80,7 +80,7 @@ fn environment(library: Option<&Path>) -> Result<Environment> {
     }))
     .map_err(|_| {
         FaceError::Model(
-            "cannot load the ONNX Runtime library: set ORT_DYLIB_PATH (`. .local/env.sh` after `make setup`) or face.onnxruntime_library".into(),
+            "cannot load the ONNX Runtime library: set ORT_DYLIB_PATH (`. .local/env.sh` after `make setup`) or face.ort_dylib_path".into(),
         )
     })?;
     let env = built.map_err(|e| FaceError::Model(format!("cannot start ONNX Runtime: {e}")))?;

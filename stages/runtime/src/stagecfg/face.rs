@@ -81,7 +81,7 @@ pub struct FaceConfig {
     pub intra_threads: usize,
     /// Path of the ONNX Runtime shared library; none uses `ORT_DYLIB_PATH` (set by
     /// `.local/env.sh`). Default none.
-    pub onnxruntime_library: Option<PathBuf>,
+    pub ort_dylib_path: Option<PathBuf>,
 }
 
 impl Default for FaceConfig {
@@ -110,7 +110,7 @@ impl Default for FaceConfig {
             max_gap_frames: 5,
             device: "auto".into(),
             intra_threads: 0,
-            onnxruntime_library: None,
+            ort_dylib_path: None,
         }
     }
 }
