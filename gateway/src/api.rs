@@ -3,6 +3,8 @@
 //! Unknown fields in request bodies are ignored (as the seed's FastAPI server does), so
 //! clients written for newer versions keep working.
 
+use std::collections::BTreeMap;
+
 use lipsync_schemas::{InputSource, Stage, Status, TaskRecord};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -109,6 +111,19 @@ pub struct TaskErrorView {
     pub time_s: Option<f64>,
 }
 
+/// When one stage worked on a task (epoch seconds).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StageTimingView {
+    /// First moment the stage worked on the task.
+    #[schema(nullable)]
+    pub started_at: Option<f64>,
+    /// Moment the stage finished its part.
+    #[schema(nullable)]
+    pub finished_at: Option<f64>,
+    /// Delivery attempts the stage needed (more than 1 after a crash or a retry).
+    pub attempts: u32,
+}
+
 /// The accepted request parameters of a task.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RequestView {
@@ -178,6 +193,9 @@ pub struct TaskView {
     pub request: RequestView,
     /// Notices (e.g. a test model is in use).
     pub warnings: Vec<String>,
+    /// Per-stage timings so far, keyed by stage name (fetch, face, audio, infer, mux).
+    #[serde(default)]
+    pub stages: BTreeMap<String, StageTimingView>,
 }
 
 impl TaskView {
@@ -218,6 +236,20 @@ impl TaskView {
                 webhook_url: r.request.webhook_url.clone(),
             },
             warnings: r.warnings.clone(),
+            stages: r
+                .stages
+                .iter()
+                .map(|(k, t)| {
+                    (
+                        k.clone(),
+                        StageTimingView {
+                            started_at: t.started_at,
+                            finished_at: t.finished_at,
+                            attempts: t.attempts,
+                        },
+                    )
+                })
+                .collect(),
         }
     }
 }

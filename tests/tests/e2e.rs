@@ -20,6 +20,27 @@ async fn one_task_completes_and_changes_only_the_face() {
     assert_eq!(rec["progress"], 1.0);
     assert_eq!(rec["output_video_url"], format!("/outputs/{id}/result.mp4"));
     assert_eq!(rec["output_mask_url"], format!("/outputs/{id}/mask.mp4"));
+    // Every stage's timing is in the public view, in pipeline order.
+    let stage = |s: &str| {
+        let t = &rec["stages"][s];
+        let (a, b) = (t["started_at"].as_f64(), t["finished_at"].as_f64());
+        let (a, b) = (a.expect(s), b.expect(s));
+        assert!(a <= b && t["attempts"].as_u64() >= Some(1), "{s}: {t}");
+        (a, b)
+    };
+    let (fetch, face, audio, infer, mux) = (
+        stage("fetch"),
+        stage("face"),
+        stage("audio"),
+        stage("infer"),
+        stage("mux"),
+    );
+    // A stage records its finish when its message is acked, just after it handed the
+    // work on, so the next stage may start a moment before: allow 1 s of overlap.
+    let after = |next: f64, prev: (f64, f64)| next >= prev.0 && next + 1.0 >= prev.1;
+    assert!(after(face.0, fetch) && after(audio.0, fetch), "{rec}");
+    assert!(after(infer.0, face) && after(infer.0, audio), "{rec}");
+    assert!(after(mux.0, infer), "{rec}");
 
     let dir = tempfile::tempdir().unwrap();
     let result = dir.path().join("result.mp4");
