@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use lipsync_tests::pipeline::{Pipeline, ffmpeg};
+use lipsync_tests::pipeline::{Pipeline, ffmpeg, probe};
 use lipsync_tests::wait_for;
 
 const TASK_TIMEOUT: Duration = Duration::from_secs(300);
@@ -114,6 +114,22 @@ async fn bad_inputs_fail_typed_while_good_tasks_complete() {
     m.audio("voice.wav", 1.2);
     m.audio("short.wav", 0.2);
     m.audio("long.wav", 2.5);
+    m.audio("half.wav", 0.6);
+    // 4K (the default size limit, accepted) and one pixel row wider than it allows.
+    m.face_clip("uhd.mp4", 0.4, 3840, 2160, 25, false);
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "color=c=gray:s=4096x2160:r=25:d=0.2",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-pix_fmt",
+        "yuv420p",
+        m.path("toolarge.mp4").to_str().unwrap(),
+    ]);
     // Odd width, 60 fps, a sound track (valid), rotated phone video, variable frame rate.
     m.face_clip("odd.mp4", 1.0, 513, 512, 25, true);
     m.face_clip("fps60.mp4", 1.0, 512, 512, 60, false);
@@ -167,6 +183,8 @@ async fn bad_inputs_fail_typed_while_good_tasks_complete() {
     let good = std::fs::read(m.path("face.mp4")).unwrap();
     std::fs::write(m.path("corrupt.mp4"), &good[..good.len() / 3]).unwrap();
     std::fs::copy(m.path("voice.wav"), m.path("audio-as-video.mp4")).unwrap();
+    // A real MP4 under a misleading extension: the content decides, not the name.
+    std::fs::copy(m.path("face.mp4"), m.path("face-named.webm")).unwrap();
 
     let cases: &[(&str, &str, Result<(), &str>)] = &[
         ("noface.mp4", "voice.wav", Err("no_face_detected")),
@@ -176,6 +194,12 @@ async fn bad_inputs_fail_typed_while_good_tasks_complete() {
         ("corrupt.mp4", "voice.wav", Err("unsupported_media")),
         ("audio-as-video.mp4", "voice.wav", Err("no_video_stream")),
         ("face.mp4", "long.wav", Ok(())),
+        // Video longer than audio: cut to the audio (0.6 s = 30 positions -> 17 frames).
+        ("face.mp4", "half.wav", Ok(())),
+        ("uhd.mp4", "half.wav", Ok(())),
+        // Over the resolution limit: refused at probe time (input_too_large is for bytes).
+        ("toolarge.mp4", "voice.wav", Err("unsupported_media")),
+        ("face-named.webm", "voice.wav", Ok(())),
         ("long.wav", "face.mp4", Err("no_video_stream")),
         ("odd.mp4", "voice.wav", Ok(())),
         ("fps60.mp4", "voice.wav", Ok(())),
@@ -186,10 +210,27 @@ async fn bad_inputs_fail_typed_while_good_tasks_complete() {
     for (v, a, want) in cases {
         ids.push((p.submit_media(v, a).await.unwrap(), *v, *a, *want));
     }
+    let dir = tempfile::tempdir().unwrap();
     for (id, v, a, want) in ids {
         let rec = p.wait_done(&id, TASK_TIMEOUT).await.unwrap();
         match want {
-            Ok(()) => assert_eq!(rec["status"], "completed", "{v}+{a}: {rec}"),
+            Ok(()) => {
+                assert_eq!(rec["status"], "completed", "{v}+{a}: {rec}");
+                if a == "half.wav" {
+                    // Cut to the audio, at the input's size.
+                    let out = dir.path().join(format!("{id}.mp4"));
+                    p.download(rec["output_video_url"].as_str().unwrap(), &out)
+                        .await
+                        .unwrap();
+                    let r = probe(&out).unwrap();
+                    let size = if v == "uhd.mp4" {
+                        (3840, 2160)
+                    } else {
+                        (512, 512)
+                    };
+                    assert_eq!((r.size, r.frames), (size, 17), "{v}+{a}: {r:?}");
+                }
+            }
             Err(code) => {
                 assert_eq!(rec["status"], "failed", "{v}+{a}: {rec}");
                 assert_eq!(rec["error"]["code"], code, "{v}+{a}: {rec}");
