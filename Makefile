@@ -12,7 +12,7 @@ ENV := . ./.local/env.sh &&
 CARGO_BUILD_FLAGS ?=
 NEXTEST_PROFILE ?= ci
 
-.PHONY: help setup build up test lint fmt bench models clean distclean
+.PHONY: help setup build up test lint fmt bench models models-check clean distclean
 
 help:
 	@echo "make setup      install system packages, .venv (nats-server, onnxruntime), .local/env.sh"
@@ -22,7 +22,8 @@ help:
 	@echo "make lint       fmt check + clippy (+ scripts/check_log_format.sh when present)"
 	@echo "make fmt        cargo fmt --all"
 	@echo "make bench      run every executable in bench/ (scripts/bench.sh)"
-	@echo "make models     models/make_models.sh (tiny test models; real weights where reachable)"
+	@echo "make models     models/make_models.sh: download LatentSync weights, export ONNX, lock file (needs the HF hub)"
+	@echo "make models-check  exporter check on the real architectures with random weights (no download)"
 	@echo "make clean      cargo clean and local NATS data; make distclean also drops .venv and .local"
 
 setup:
@@ -55,6 +56,9 @@ bench: setup
 models: setup
 	$(ENV) if [ -f models/make_models.sh ]; then bash models/make_models.sh; \
 	else echo "models/make_models.sh not present yet: nothing to do"; fi
+
+models-check:
+	bash models/make_models.sh --random-weights
 
 clean:
 	if command -v cargo >/dev/null 2>&1; then cargo clean; else rm -rf target; fi
