@@ -291,6 +291,29 @@ def set_io(model, spec) -> None:
                     d.dim_param = s
 
 
+def toposort(graph) -> None:
+    """Stable topological sort of graph.node (the ONNX checker requires it)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise RuntimeError(f"graph has a cycle or dangling inputs: {rest[0].name}")
+        pending = rest
+    nodes = [type(n)() for n in ordered]
+    for dst, src in zip(nodes, ordered):
+        dst.CopyFrom(src)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def export_one(role, module, spec, out: Path, precision: str, props: dict) -> dict:
     import onnx
     import torch
@@ -316,6 +339,7 @@ def export_one(role, module, spec, out: Path, precision: str, props: dict) -> di
         keep = sorted({producer[i].name for n in model.graph.node if n.op_type == "Resize"
                        for i in n.input[1:] if i in producer and producer[i].op_type == "Constant"})
         model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True, node_block_list=keep)
+        toposort(model.graph)  # the converter appends its input Casts at the end
         set_io(model, spec)
     model.producer_name = "lipsync/models/export/export.py"
     model.producer_version = str(EXPORTER_VERSION)
