@@ -173,12 +173,13 @@ def build_modules(args, whisper_model, unet_mod):
 
     torch.manual_seed(args.seed)
     mods = {}
+    roles = set(args.only or FILES)
 
     # Whisper tiny encoder
     dims = whisper_model.ModelDimensions(**WHISPER_TINY_DIMS)
     enc = whisper_model.AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state,
                                      dims.n_audio_head, dims.n_audio_layer)
-    if not args.random_weights:
+    if not args.random_weights and "whisper_encoder" in roles:
         ck = torch.load(args.whisper_ckpt, map_location="cpu", weights_only=True)
         if "dims" in ck and {k: ck["dims"].get(k) for k in WHISPER_TINY_DIMS} != WHISPER_TINY_DIMS:
             sys.exit(f"{args.whisper_ckpt}: not whisper tiny: dims {ck['dims']}")
@@ -189,7 +190,7 @@ def build_modules(args, whisper_model, unet_mod):
 
     # sd-vae-ft-mse
     vae = AutoencoderKL(**SD_VAE_FT_MSE_CONFIG)
-    if not args.random_weights:
+    if not args.random_weights and roles & {"vae_encoder", "vae_decoder"}:
         p = Path(args.vae_weights)
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -201,6 +202,8 @@ def build_modules(args, whisper_model, unet_mod):
     vae.eval()
     mods["vae_encoder"] = VaeEncoder(vae)
     mods["vae_decoder"] = VaeDecoder(vae)
+    if "unet" not in roles:
+        return mods
 
     # LatentSync UNet3DConditionModel from the checkout's stage-2 config
     cfg_path = Path(args.latentsync_src) / "configs" / "unet" / UNET_CONFIGS[args.profile]
@@ -543,7 +546,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     if not args.random_weights and not args.check_only:
-        missing = [o for o in ("unet_ckpt", "whisper_ckpt", "vae_weights") if not getattr(args, o)]
+        need = {"unet": "unet_ckpt", "whisper_encoder": "whisper_ckpt", "vae_encoder": "vae_weights",
+                "vae_decoder": "vae_weights"}
+        missing = sorted({need[r] for r in (args.only or FILES) if not getattr(args, need[r])})
         if missing:
             ap.error("without --random-weights, give " + ", ".join("--" + m.replace("_", "-") for m in missing))
     out = args.out or MODELS / "generated" / args.profile
