@@ -13,6 +13,7 @@ use lipsync_runtime::{ArtifactStore, NatsArtifacts};
 use lipsync_schemas::{
     AudioJob, ErrorCode, InferJob, Stage, Status, TaskRecord, WORK_VERSION, names,
 };
+use lipsync_tests::pipeline::ffmpeg;
 use lipsync_tests::{NatsServer, new_record, topology, wait_for};
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
@@ -107,15 +108,6 @@ impl Env {
         }
         n
     }
-}
-
-fn ffmpeg(args: &[&str]) {
-    let st = Command::new("ffmpeg")
-        .args(["-nostdin", "-v", "error", "-y"])
-        .args(args)
-        .status()
-        .expect("ffmpeg runs");
-    assert!(st.success(), "ffmpeg {args:?}");
 }
 
 /// `seconds` of pink noise as 16 kHz mono 16-bit WAV.

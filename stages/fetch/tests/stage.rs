@@ -18,21 +18,13 @@ use axum::routing::get;
 use lipsync_runtime::tasks::TaskStore;
 use lipsync_runtime::{ArtifactStore, NatsArtifacts};
 use lipsync_schemas::{ErrorCode, FetchJob, InputSource, Status, TaskRecord, names};
+use lipsync_tests::pipeline::ffmpeg;
 use lipsync_tests::{NatsServer, new_record, topology, wait_for};
 use tokio_util::sync::CancellationToken;
 
 struct Media {
     _dir: tempfile::TempDir,
     root: PathBuf,
-}
-
-fn ffmpeg(args: &[&str]) {
-    let st = Command::new("ffmpeg")
-        .args(["-nostdin", "-v", "error", "-y"])
-        .args(args)
-        .status()
-        .expect("ffmpeg runs");
-    assert!(st.success(), "ffmpeg {args:?}");
 }
 
 fn media() -> Media {

@@ -26,15 +26,7 @@ pub fn astronaut() -> PathBuf {
     p
 }
 
-/// Runs ffmpeg with `args` (quiet, overwrite).
-pub fn ffmpeg(args: &[&str]) {
-    let st = Command::new("ffmpeg")
-        .args(["-nostdin", "-v", "error", "-y"])
-        .args(args)
-        .status()
-        .expect("ffmpeg runs");
-    assert!(st.success(), "ffmpeg {args:?}");
-}
+pub use lipsync_tests::pipeline::ffmpeg;
 
 /// The portrait decoded to RGB24.
 pub struct Portrait {

@@ -23,14 +23,7 @@ pub const SCALE: f32 = 2.0;
 /// Colour of the generated crops.
 pub const CROP_RGB: [u8; 3] = [220, 30, 30];
 
-pub fn ffmpeg(args: &[&str]) {
-    let st = Command::new("ffmpeg")
-        .args(["-nostdin", "-v", "error", "-y"])
-        .args(args)
-        .status()
-        .expect("ffmpeg runs");
-    assert!(st.success(), "ffmpeg {args:?}");
-}
+pub use lipsync_tests::pipeline::ffmpeg;
 
 /// A `w x h` 25 fps test clip of `secs` seconds with a 440 Hz tone.
 pub fn clip(dir: &Path, name: &str, w: u32, h: u32, secs: f64) -> PathBuf {
