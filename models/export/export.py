@@ -359,6 +359,8 @@ def export_one(role, module, spec, out: Path, precision: str, props: dict) -> di
     else:
         onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))  # path form: works with external data
+    if large:
+        os.chmod(out / UNET_DATA, 0o644)  # onnx writes it 0600; the service may run as another user
     dt = time.time() - t0
     sizes = {path.name: path.stat().st_size}
     if large:
