@@ -174,12 +174,17 @@ struct Lock {
     models: BTreeMap<String, LockEntry>,
     #[serde(default)]
     mask: Option<LockEntry>,
+    /// Per role: the external-data file of a graph over 2 GB (the exporter's UNet).
+    #[serde(default)]
+    external_data: BTreeMap<String, LockEntry>,
 }
 
 #[derive(Debug, Deserialize)]
 struct LockEntry {
     file: String,
     sha256: String,
+    #[serde(default)]
+    bytes: Option<u64>,
 }
 
 /// A profile resolved to absolute, verified file paths.
@@ -298,6 +303,21 @@ pub fn verify(
     for (role, spec) in &profile.models {
         if roles.is_empty() || roles.contains(&role.as_str()) {
             check(&spec.file, &spec.sha256, lock.models.get(role))?;
+            // The weights of a graph stored with external data: a truncated or swapped
+            // file would otherwise load as garbage weights.
+            if let Some(data) = lock.external_data.get(role) {
+                let path = dir.join(&data.file);
+                let len = std::fs::metadata(&path).map(|m| m.len()).ok();
+                if let (Some(want), Some(got)) = (data.bytes, len)
+                    && want != got
+                {
+                    return Err(ModelError::File(
+                        data.file.clone(),
+                        format!("{got} bytes, the lock file says {want}"),
+                    ));
+                }
+                check(&data.file, "", Some(data))?;
+            }
         }
     }
     check(&profile.mask.file, &profile.mask.sha256, lock.mask.as_ref())?;
@@ -399,5 +419,35 @@ mod tests {
         .unwrap();
         let err = verify(&mpath, "tiny", &["unet"]).unwrap_err();
         assert!(err.to_string().contains("differs"), "{err}");
+
+        // A graph with external data: its data file is checked too.
+        let unet_sha = sha256_file(&tiny.join("unet.onnx")).unwrap();
+        let data = b"weights".repeat(10);
+        let lock = |bytes: usize, sha: &str| {
+            format!(
+                "[models.unet]\nfile = \"unet.onnx\"\nsha256 = \"{unet_sha}\"\n\n\
+                 [external_data.unet]\nfile = \"unet.onnx.data\"\nsha256 = \"{sha}\"\nbytes = {bytes}\n"
+            )
+        };
+        let data_path = tiny.join("unet.onnx.data");
+        std::fs::write(&data_path, &data).unwrap();
+        let data_sha = sha256_file(&data_path).unwrap();
+        let lock_path = tiny.join("manifest.lock.toml");
+        std::fs::write(&lock_path, lock(data.len(), &data_sha)).unwrap();
+        let ok = verify(&mpath, "tiny", &["unet"]);
+        // Only the mask is missing now: the UNet and its data passed.
+        assert!(ok.unwrap_err().to_string().contains("mask"));
+        std::fs::write(&data_path, &data[..data.len() - 1]).unwrap();
+        let err = verify(&mpath, "tiny", &["unet"]).unwrap_err();
+        assert!(err.to_string().contains("the lock file says 70"), "{err}");
+        std::fs::write(&data_path, b"Weights".repeat(10)).unwrap();
+        let err = verify(&mpath, "tiny", &["unet"]).unwrap_err();
+        assert!(
+            err.to_string().contains("unet.onnx.data") && err.to_string().contains("differs"),
+            "{err}"
+        );
+        std::fs::remove_file(&data_path).unwrap();
+        let err = verify(&mpath, "tiny", &["unet"]).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
     }
 }
