@@ -165,6 +165,22 @@ where
     }
 }
 
+/// Poll the task record `tid` until `pred` holds or `timeout` passes.
+pub async fn wait_record(
+    store: &lipsync_runtime::tasks::TaskStore,
+    tid: &str,
+    timeout: Duration,
+    pred: impl Fn(&lipsync_schemas::TaskRecord) -> bool,
+) -> Result<lipsync_schemas::TaskRecord> {
+    let pred = &pred;
+    wait_for(timeout, || async move {
+        let (r, _) = store.get(tid).await.ok()??;
+        pred(&r).then_some(r)
+    })
+    .await
+    .with_context(|| format!("task {tid} did not reach the expected state"))
+}
+
 /// Bootstrap the topology on `cfg`'s server and return its handles.
 pub async fn topology(cfg: &lipsync_runtime::Config) -> Result<lipsync_runtime::nats::Topology> {
     let client = lipsync_runtime::nats::connect(&cfg.nats, "test").await?;

@@ -325,18 +325,9 @@ impl Harness {
         tid: &str,
         pred: impl Fn(&lipsync_schemas::TaskRecord) -> bool,
     ) -> lipsync_schemas::TaskRecord {
-        let store = self.store.clone();
-        wait_for(Duration::from_secs(20), || {
-            let store = store.clone();
-            let tid = tid.to_owned();
-            let pred = &pred;
-            async move {
-                let (r, _) = store.get(&tid).await.ok()??;
-                pred(&r).then_some(r)
-            }
-        })
-        .await
-        .unwrap()
+        lipsync_tests::wait_record(&self.store, tid, Duration::from_secs(20), pred)
+            .await
+            .unwrap()
     }
 
     async fn consumer_idle(&self) {

@@ -73,13 +73,9 @@ impl Env {
         secs: u64,
         pred: impl Fn(&TaskRecord) -> bool,
     ) -> TaskRecord {
-        let pred = &pred;
-        wait_for(Duration::from_secs(secs), || async move {
-            let (r, _) = self.store.get(tid).await.ok()??;
-            pred(&r).then_some(r)
-        })
-        .await
-        .unwrap_or_else(|_| panic!("task {tid} did not reach the expected state"))
+        lipsync_tests::wait_record(&self.store, tid, Duration::from_secs(secs), pred)
+            .await
+            .unwrap()
     }
 
     async fn track(&self, tid: &str) -> FaceTrack {
