@@ -56,11 +56,10 @@ pids+=($!)
 export LIPSYNC_NATS__URL="nats://127.0.0.1:$nats_port" LIPSYNC_MODELS__PROFILE=tiny \
     LIPSYNC_FETCH__ALLOW_PRIVATE_NETWORKS=true LIPSYNC_LOG__FILTER=warn \
     LIPSYNC_GATEWAY__LISTEN="127.0.0.1:$gw_port"
-declare -A pid_of port_of
+declare -A pid_of
 for s in fetch face audio infer mux; do
     up=${s^^}
-    port_of[$s]=$(free_port)
-    env "LIPSYNC_${up}__LISTEN=127.0.0.1:${port_of[$s]}" "$bin_dir/lipsync-$s" >"$work/$s.log" 2>&1 &
+    env "LIPSYNC_${up}__LISTEN=127.0.0.1:$(free_port)" "$bin_dir/lipsync-$s" >"$work/$s.log" 2>&1 &
     pid_of[$s]=$!
     pids+=($!)
 done

@@ -33,14 +33,15 @@ clip() {
 clip c720 1280 720 8
 clip c1080 1920 1080 8
 
-# track NAME DETECTOR [extra env...]: prints "fps rss_kb frames_without_face" (frames
-# without a face pass through, so a detector that misses the face still gets a figure).
+# track NAME DETECTOR LABEL [extra env...]: tracks NAME.mp4 into NAME.LABEL.json and
+# prints "fps rss_kb frames_without_face" (frames without a face pass through, so a
+# detector that misses the face still gets a figure).
 track() {
-    local name=$1 det=$2
-    shift 2
+    local name=$1 det=$2 label=$3
+    shift 3
     local out
     out=$( { env LIPSYNC_FACE__DETECTOR="$det" LIPSYNC_FACE__ON_MISSING=passthrough "$@" /usr/bin/time -v "$bin" track \
-        "$work/$name.mp4" --out "$work/$name.$det.json"; } 2>&1 )
+        "$work/$name.mp4" --out "$work/$name.$label.json"; } 2>&1 )
     local fps kb
     fps=$(grep -oE '\(([0-9.]+) frames/s\)' <<<"$out" | tr -d '(' | awk '{print $1}')
     kb=$(grep 'Maximum resident set size' <<<"$out" | awk '{print $NF}')
@@ -80,12 +81,12 @@ PY
 declare -A fps rss
 for c in c720 c1080; do
     for d in retinaface blazeface blazeface-back; do
-        read -r f k m < <(track "$c" "$d")
+        read -r f k m < <(track "$c" "$d" "$d")
         fps[$c.$d]="$f"
         ((m == 0)) || fps[$c.$d]="$f (no face in $m frames)"
         rss[$c.$d]=$k
     done
-    read -r f k _ < <(track "$c" retinaface LIPSYNC_FACE__REFINE_LANDMARKS=false)
+    read -r f k _ < <(track "$c" retinaface noref LIPSYNC_FACE__REFINE_LANDMARKS=false)
     fps[$c.noref]=$f
     fps[$c.py]=$(python_baseline "$work/$c.mp4")
 done
@@ -106,16 +107,13 @@ print(f"{np.mean(out):.2f}")
 PY
 }
 declare -A jit
-for d in retinaface blazeface blazeface-back; do jit[$d]=$(jitter "$work/c720.$d.json"); done
-LIPSYNC_FACE__REFINE_LANDMARKS=false LIPSYNC_FACE__DETECTOR=retinaface "$bin" track "$work/c720.mp4" \
-    --out "$work/c720.noref.json" >/dev/null 2>&1
-jit[noref]=$(jitter "$work/c720.noref.json")
+for d in retinaface noref blazeface blazeface-back; do jit[$d]=$(jitter "$work/c720.$d.json"); done
 
 # Memory flatness: a short and a long 1080p clip.
 clip short1080 1920 1080 20
 clip long1080 1920 1080 "$long_s"
-read -r fs ks _ < <(track short1080 retinaface)
-read -r fl kl _ < <(track long1080 retinaface)
+read -r fs ks _ < <(track short1080 retinaface retinaface)
+read -r fl kl _ < <(track long1080 retinaface retinaface)
 
 cat <<EOF
 face bench ($(nproc) cores; lipsync-face track, release; baseline: NumPy + onnxruntime,
