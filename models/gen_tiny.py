@@ -57,7 +57,12 @@ FILES = {
     "vae_encoder": "vae_encoder.onnx",
     "vae_decoder": "vae_decoder.onnx",
     "unet": "unet.onnx",
+    # DeepCache (infer.deepcache_interval > 0): the full step that also returns the deep
+    # feature, and the shallow step that reuses it (same weights as unet.onnx).
+    "unet_deepcache_full": "unet_deepcache_full.onnx",
+    "unet_deepcache_shallow": "unet_deepcache_shallow.onnx",
 }
+DEEPCACHE_ROLES = ("unet_deepcache_full", "unet_deepcache_shallow")
 MASK_FILE = "mask.png"
 LOCK_FILE = "manifest.lock.toml"
 
@@ -226,11 +231,17 @@ def build_vae_decoder(rng) -> onnx.ModelProto:
     )
 
 
-def build_unet(rng) -> onnx.ModelProto:
+def build_unet(rng, variant: str = "plain") -> onnx.ModelProto:
     """UNet3DConditionModel stand-in. Frames are folded into the batch (row b*F+f) like the real
     model's inflated convs; timestep via a sinusoidal embedding + MLP; audio via single-head
     cross-attention of the image tokens of frame (b, f) on that frame's 50 audio tokens;
-    a temporal mixing term across the F frames; one down/up level with a skip."""
+    a temporal mixing term across the F frames; one down/up level with a skip.
+
+    variant: "plain" (unet.onnx), "full" (also returns the deep feature: the output of the
+    deep branch, down + attention + up conv, before it joins the shallow skip) or "shallow"
+    (takes that deep feature as an input and runs only the shallow layers), the DeepCache
+    split of the real UNet at its first branch (models/README.md). All three consume the
+    random stream identically, so they hold the same weights."""
     g = G("tiny_unet", rng)
     C, C2, D, TEMB = 8, 16, 16, 32
 
@@ -280,22 +291,64 @@ def build_unet(rng) -> onnx.ModelProto:
     # up (nearest, to the skip's exact size) + skip
     u = g.op("Resize", [d, "", "", g.op("Shape", [h1])], mode="nearest",
              coordinate_transformation_mode="asymmetric", nearest_mode="floor")
-    u = g.conv(u, C2, C)
-    u = g.silu(g.op("Add", [u, h1], p="skip"))
+    deep = g.conv(u, C2, C)  # [BF,C,h,w]: the DeepCache deep feature
+    u = g.silu(g.op("Add", [deep, h1], p="skip"))
     out = g.conv(u, C, LATENT_C, gain=1.5)  # [BF,4,h,w]
 
     # [B*F,4,h,w] -> [B,F,4,h,w] -> [B,4,F,h,w]
     out = g.op("Reshape", [out, g.op("Concat", [dim_b, dim_f, g.i64([LATENT_C]), dim_hw], axis=0)])
     g.nodes.append(helper.make_node("Transpose", [out], ["noise_pred"], name="n_out", perm=[0, 2, 1, 3, 4]))
-    return g.model(
-        [
-            vi("sample", TensorProto.FLOAT, ["B", UNET_IN_C, "F", "h", "w"]),
-            vi("timestep", TensorProto.INT64, [1]),
-            vi("encoder_hidden_states", TensorProto.FLOAT, ["B*F", AUDIO_TOKENS, AUDIO_DIM]),
-        ],
-        [vi("noise_pred", TensorProto.FLOAT, ["B", LATENT_C, "F", "h", "w"])],
-        "UNet: [noise 4 | mask 1 | masked latents 4 | reference latents 4] -> epsilon.",
-    )
+    inputs = [
+        vi("sample", TensorProto.FLOAT, ["B", UNET_IN_C, "F", "h", "w"]),
+        vi("timestep", TensorProto.INT64, [1]),
+        vi("encoder_hidden_states", TensorProto.FLOAT, ["B*F", AUDIO_TOKENS, AUDIO_DIM]),
+    ]
+    outputs = [vi("noise_pred", TensorProto.FLOAT, ["B", LATENT_C, "F", "h", "w"])]
+    doc = "UNet: [noise 4 | mask 1 | masked latents 4 | reference latents 4] -> epsilon."
+    deep_vi = vi("deep_feature", TensorProto.FLOAT, ["B", "C_deep", "F", "h", "w"])
+    if variant == "full":
+        # [B*F,C,h,w] -> [B,F,C,h,w] -> [B,C,F,h,w] (the real UNet's 5-D layout)
+        d5 = g.op("Reshape", [deep, g.op("Concat", [dim_b, dim_f, g.i64([C]), dim_hw], axis=0)])
+        g.nodes.append(helper.make_node("Transpose", [d5], ["deep_feature"], name="n_deep_out",
+                                        perm=[0, 2, 1, 3, 4]))
+        outputs.append(deep_vi)
+        doc += " DeepCache full step: also returns the deep feature."
+    elif variant == "shallow":
+        d5 = g.op("Transpose", ["deep_feature"], perm=[0, 2, 1, 3, 4])  # [B,F,C,h,w]
+        cached = g.op("Reshape", [d5, g.op("Concat", [minus1, g.i64([C]), dim_hw], axis=0)])
+        for n in g.nodes:
+            for k, name in enumerate(n.input):
+                if name == deep:
+                    n.input[k] = cached
+        inputs.append(deep_vi)
+        _prune(g, ["noise_pred"])
+        doc += " DeepCache shallow step: reuses the deep feature of the last full step."
+    return g.model(inputs, outputs, doc)
+
+
+def _prune(g: G, outputs) -> None:
+    """Re-sort the nodes topologically (the rewired input's nodes were appended last), then
+    drop the nodes and initialisers that no graph output depends on (order kept)."""
+    ready = {t.name for t in g.inits} | {"sample", "timestep", "encoder_hidden_states", "deep_feature", ""}
+    pending, ordered = list(g.nodes), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        assert len(rest) < len(pending), "cycle in the tiny UNet graph"
+        pending = rest
+    need = set(outputs)
+    keep = []
+    for n in reversed(ordered):
+        if any(o in need for o in n.output):
+            keep.append(n)
+            need.update(i for i in n.input if i)
+    g.nodes = list(reversed(keep))
+    g.inits = [t for t in g.inits if t.name in need]
 
 
 BUILDERS = {
@@ -303,7 +356,12 @@ BUILDERS = {
     "vae_encoder": build_vae_encoder,
     "vae_decoder": build_vae_decoder,
     "unet": build_unet,
+    "unet_deepcache_full": lambda rng: build_unet(rng, "full"),
+    "unet_deepcache_shallow": lambda rng: build_unet(rng, "shallow"),
 }
+# Random stream of each model; the DeepCache graphs share the UNet's (same weights).
+SEEDS = {role: SEED + i for i, role in enumerate(("whisper_encoder", "vae_encoder", "vae_decoder", "unet"))}
+SEEDS.update({role: SEEDS["unet"] for role in DEEPCACHE_ROLES})
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,8 +376,8 @@ def sha256(data: bytes) -> str:
 def generate(out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     written = {}
-    for i, (role, build) in enumerate(BUILDERS.items()):
-        rng = np.random.RandomState(SEED + i)  # one stream per model: models are independent
+    for role, build in BUILDERS.items():
+        rng = np.random.RandomState(SEEDS[role])  # one stream per model (DeepCache: the UNet's)
         model = build(rng)
         onnx.checker.check_model(model, full_check=True)
         data = model.SerializeToString()
@@ -439,6 +497,31 @@ def smoke_pipeline(w, enc, u, dec, img, mel, steps, guidance, scale=0.18215):
     out = dec.run(None, {"latent": (x[0].transpose(1, 0, 2, 3) / scale).astype(np.float32)})[0]
     out = np.clip(out, -1, 1)
     return out * (1 - mask) + img * mask
+
+
+def check_deepcache(u, full, shallow, feeds, expect, exact: bool, tol: float = 1e-5) -> dict:
+    """The DeepCache pair against the plain UNet on the same inputs (CFG batch): the full step
+    gives the plain noise_pred and a deep feature; the shallow step fed that feature at the
+    same timestep gives the same noise_pred; at a later timestep it differs from a full step
+    (an approximation) but stays finite. Shared with the exporter's check."""
+    y = u.run(None, feeds)[0]
+    y_full, deep = full.run(None, feeds)
+    b, _, f, h, w = feeds["sample"].shape
+    expect(deep.shape[0] == b and deep.shape[2:] == (f, h, w) and bool(np.isfinite(deep).all()),
+           f"deep_feature {deep.shape} (B, C_deep, F, h, w), finite")
+    rel = lambda a, r: float(np.abs(a - r).max() / (np.abs(r).max() + 1e-12))  # noqa: E731
+    d_full = rel(y_full, y)
+    expect(d_full == 0.0 if exact else d_full < tol, f"full step noise_pred == unet noise_pred (max rel. diff {d_full:.2e})")
+    y_sh = shallow.run(None, dict(feeds, deep_feature=deep))[0]
+    d_sh = rel(y_sh, y)
+    expect(d_sh < tol, f"shallow step with the fresh deep feature == full step (max rel. diff {d_sh:.2e})")
+    later = dict(feeds, timestep=np.array([int(feeds["timestep"][0]) - 50], dtype=np.int64))
+    y_later = u.run(None, later)[0]
+    y_sh_later = shallow.run(None, dict(later, deep_feature=deep))[0]
+    d_approx = rel(y_sh_later, y_later)
+    expect(bool(np.isfinite(y_sh_later).all()) and d_approx > 0.0,
+           f"shallow step with a cached deep feature at t-50 approximates the full step (max rel. diff {d_approx:.2e})")
+    return {"full": d_full, "shallow_same_t": d_sh, "shallow_cached": d_approx}
 
 
 def check(out: Path) -> None:
@@ -574,6 +657,10 @@ def check(out: Path) -> None:
     rel = np.abs(u.run(None, f2)[0] - y).mean() / np.abs(y).mean()
     expect(rel > 0.05, f"audio effect is substantial ({rel:.1%} of mean |noise_pred|)")
 
+    print("DeepCache graphs")
+    check_deepcache(sess["unet"], sess["unet_deepcache_full"], sess["unet_deepcache_shallow"],
+                    cfg, expect, exact=True)
+
     print("end to end (whisper -> vae -> 20 DDIM steps with CFG 1.5 -> vae), F=5")
     expect(ddim_timesteps(20) == list(range(951, 0, -50)), "DDIM leading spacing + offset 1: 951, 901, ..., 1")
     img = np.clip(rs.standard_normal((5, 3, RESOLUTION, RESOLUTION)) * 0.5, -1, 1).astype(np.float32)
@@ -594,6 +681,9 @@ def check(out: Path) -> None:
     ms = timed(u, feeds)
     print(f"  info  unet step B=1 F=16 h=w={lat}: {ms:.1f} ms")
     print(f"  info  unet step B=2 (CFG) F=16 h=w={lat}: {timed(u, cfg):.1f} ms")
+    y_full, deep = sess["unet_deepcache_full"].run(None, cfg)
+    print(f"  info  DeepCache full step B=2 F=16: {timed(sess['unet_deepcache_full'], cfg):.1f} ms, "
+          f"shallow step: {timed(sess['unet_deepcache_shallow'], dict(cfg, deep_feature=deep)):.1f} ms")
     print(f"  info  whisper_encoder one 30 s window: {timed(w, {'mel': mel}):.1f} ms")
     img16 = rs.uniform(-1, 1, (16, 3, RESOLUTION, RESOLUTION)).astype(np.float32)
     print(f"  info  vae_encoder N=16 {RESOLUTION} px: {timed(enc, {'image': img16}):.1f} ms")
