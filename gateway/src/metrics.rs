@@ -11,7 +11,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use lipsync_schemas::{Stage, TaskRecord, names};
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use crate::AppState;
@@ -26,10 +27,17 @@ pub(crate) struct GatewayMetrics {
     http_duration: HistogramVec,
     pub(crate) submitted: IntCounter,
     finished: IntCounterVec,
+    /// Submit-to-completed wall time per second of output (the audio's length).
+    e2e_per_output_second: Histogram,
     queue_length: IntGauge,
     pub(crate) ws_clients: IntGauge,
     backlog: IntGaugeVec,
     backlog_at: std::sync::Arc<Mutex<Option<Instant>>>,
+    /// Epoch seconds this process started: tasks that ended before it are history (the
+    /// start-up replay of the task index delivers them) and are not counted again.
+    started_at: f64,
+    /// Tasks already counted, so a later write to a terminal record counts nothing.
+    counted: std::sync::Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl GatewayMetrics {
@@ -61,6 +69,15 @@ impl GatewayMetrics {
             ),
             &["outcome"],
         )?;
+        let e2e_per_output_second = Histogram::with_opts(
+            HistogramOpts::new(
+                "lipsync_task_seconds_per_output_second",
+                "Submit-to-completed wall time of a completed task per second of output",
+            )
+            .buckets(vec![
+                0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0, 128.0,
+            ]),
+        )?;
         let queue_length = IntGauge::new(
             "lipsync_queue_length",
             "Tasks that have not reached the GPU yet",
@@ -77,6 +94,7 @@ impl GatewayMetrics {
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(submitted.clone()))?;
         registry.register(Box::new(finished.clone()))?;
+        registry.register(Box::new(e2e_per_output_second.clone()))?;
         registry.register(Box::new(queue_length.clone()))?;
         registry.register(Box::new(ws_clients.clone()))?;
         registry.register(Box::new(backlog.clone()))?;
@@ -86,23 +104,61 @@ impl GatewayMetrics {
             http_duration,
             submitted,
             finished,
+            e2e_per_output_second,
             queue_length,
             ws_clients,
             backlog,
             backlog_at: Default::default(),
+            started_at: lipsync_runtime::tasks::now().0,
+            counted: Default::default(),
         })
     }
 
-    /// Count a task ending (called once per applied terminal change of the watch).
+    /// Count a task ending (called for every applied change of the watch, the start-up
+    /// replay included): only tasks that ended while this process runs, each once.
     pub(crate) fn observe_record(&self, rec: &TaskRecord) {
-        if !rec.status.is_terminal() {
+        if !rec.status.is_terminal() || !rec.end_time.is_some_and(|t| t >= self.started_at) {
             return;
+        }
+        {
+            let mut counted = self.counted.lock().unwrap_or_else(|e| e.into_inner());
+            if !counted.insert(rec.task_id.clone()) {
+                return;
+            }
+            if counted.len() > 100_000 {
+                counted.clear();
+            }
         }
         let outcome = match &rec.error {
             None => "completed",
             Some(e) => e.code.as_str(),
         };
         self.finished.with_label_values(&[outcome]).inc();
+        let output_s = rec.media.as_ref().map_or(0.0, |m| m.audio_duration_s);
+        if rec.error.is_none()
+            && output_s > 0.0
+            && let Some(end) = rec.end_time
+        {
+            self.e2e_per_output_second
+                .observe((end - rec.start_time).max(0.0) / output_s);
+        }
+    }
+}
+
+/// The `method` label: the methods the API knows, every other method as `other` (a
+/// client sending random methods must not grow the series without bound; the route label
+/// is bounded by the routes, `unmatched` for the rest).
+pub(crate) fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
     }
 }
 
@@ -113,7 +169,7 @@ pub(crate) async fn track(State(state): State<AppState>, req: Request, next: Nex
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method()).to_owned();
     let started = Instant::now();
     let resp = next.run(req).await;
     let m = &state.metrics;
@@ -179,4 +235,64 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         lipsync_runtime::metrics::render(&state.metrics.registry),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lipsync_schemas::{InputSource, Status, TaskRequest};
+
+    fn finished(id: &str, end_time: f64) -> TaskRecord {
+        let mut rec = TaskRecord::new(
+            id.into(),
+            TaskRequest {
+                video: InputSource::Url("http://x/v".into()),
+                audio: InputSource::Url("http://x/a".into()),
+                model: "tiny".into(),
+                inference_steps: 1,
+                guidance_scale: 1.0,
+                seed: None,
+                webhook_url: None,
+            },
+            end_time - 1.0,
+            String::new(),
+        );
+        rec.status = Status::Completed;
+        rec.end_time = Some(end_time);
+        rec
+    }
+
+    #[test]
+    fn finished_counts_only_tasks_ending_after_start_and_each_once() {
+        let m = GatewayMetrics::new().unwrap();
+        let completed = || m.finished.with_label_values(&["completed"]).get();
+        // The start-up replay delivers tasks that ended before this process started.
+        m.observe_record(&finished("old", m.started_at - 3600.0));
+        assert_eq!(completed(), 0);
+        let new = finished("new", m.started_at + 1.0);
+        m.observe_record(&new);
+        assert_eq!(completed(), 1);
+        assert_eq!(
+            m.e2e_per_output_second.get_sample_count(),
+            0,
+            "no media summary"
+        );
+        let mut timed = finished("timed", m.started_at + 10.0);
+        timed.start_time = timed.end_time.unwrap() - 6.0;
+        timed.media = Some(lipsync_schemas::MediaSummary {
+            width: 640,
+            height: 480,
+            fps: 25.0,
+            video_duration_s: 3.0,
+            audio_duration_s: 3.0,
+            ..Default::default()
+        });
+        m.observe_record(&timed);
+        assert_eq!(completed(), 2);
+        assert_eq!(m.e2e_per_output_second.get_sample_count(), 1);
+        assert!((m.e2e_per_output_second.get_sample_sum() - 2.0).abs() < 1e-9);
+        // A later write to the same terminal record (or a replay after a watch restart).
+        m.observe_record(&new);
+        assert_eq!(completed(), 1);
+    }
 }
