@@ -29,6 +29,7 @@ PRECISION="${PRECISION:-fp32}"
 LATENTSYNC_REPO="${LATENTSYNC_REPO:-https://github.com/bytedance/LatentSync.git}"
 LATENTSYNC_COMMIT="${LATENTSYNC_COMMIT:-a229c3948406bc2cf6eaf4873e662e70c6a04746}"  # checked here
 VENV="$ROOT/.venv-export"
+DEEPCACHE_VERSION=0.1.1   # the reference's requirements.txt pin
 RANDOM_WEIGHTS=0
 EXTRA=()
 
@@ -62,11 +63,14 @@ else
 fi
 
 # 1. exporter venv (separate from .venv: torch must not enter the main set-up)
-if ! { [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c 'import torch, diffusers, onnx, onnxruntime' 2>/dev/null; }; then
+if ! { [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c 'import torch, diffusers, onnx, onnxruntime, DeepCache' 2>/dev/null; }; then
     say "creating $VENV (torch, diffusers, onnx: several GB from PyPI)"
     python3 -m venv "$VENV" || die "python3 -m venv failed (apt-get install python3-venv)"
     "$VENV/bin/pip" install -q --upgrade pip
     "$VENV/bin/pip" install -q -r "$ROOT/models/requirements-export.txt"
+    # The reference's DeepCache helper, for the DeepCache graphs' check only. --no-deps: its
+    # metadata asks for transformers, which neither the helper nor the exporter imports.
+    "$VENV/bin/pip" install -q --no-deps "DeepCache==$DEEPCACHE_VERSION"
 fi
 PY="$VENV/bin/python"
 

@@ -50,7 +50,15 @@ EXPORTER_VERSION = 1
 UNET_CONFIGS = {"latentsync-1.5": "stage2.yaml", "latentsync-1.6": "stage2_512.yaml"}
 RESOLUTIONS = {"latentsync-1.5": 256, "latentsync-1.6": 512}
 FILES = dict(gen_tiny.FILES)
+DEEPCACHE_ROLES = gen_tiny.DEEPCACHE_ROLES
 UNET_DATA = "unet.onnx.data"
+# Graphs over 2 GB, saved with ONNX external data: role -> data file next to the graph.
+EXTERNAL_DATA = {"unet": UNET_DATA, "unet_deepcache_full": "unet_deepcache_full.onnx.data"}
+# DeepCache as the reference runs it (scripts/inference.py: DeepCacheSDHelper with
+# cache_interval=3, cache_branch_id=0): on a cached step every UNet block is skipped except
+# conv_in, the last layer (resnet, attention, motion module) of the last up block and the
+# output head; that layer's input from the deep path is the cached one.
+DEEPCACHE_INTERVAL, DEEPCACHE_BRANCH = 3, 0
 MASK_FILE = gen_tiny.MASK_FILE
 LOCK_FILE = gen_tiny.LOCK_FILE
 
@@ -168,6 +176,51 @@ def build_modules(args, whisper_model, unet_mod):
         def forward(self, sample, timestep, encoder_hidden_states):
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
 
+    class UnetDeepCacheFull(nn.Module):
+        """The unchanged UNet step, plus the deep feature DeepCache caches at branch 0: the
+        hidden state that enters the last layer of the last up block from below, before it is
+        concatenated with conv_in's skip (captured by a pre-hook on that layer's resnet)."""
+
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            last = self.unet.up_blocks[-1]
+            skip_c = self.unet.conv_in.out_channels
+            seen = {}
+
+            def grab(_mod, args):
+                x = args[0]
+                seen["deep"] = x[:, : x.shape[1] - skip_c]
+
+            hook = last.resnets[-1].register_forward_pre_hook(grab)
+            try:
+                eps = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+            finally:
+                hook.remove()
+            return eps, seen["deep"]
+
+    class UnetDeepCacheShallow(nn.Module):
+        """What a cached DeepCache step computes: time embedding, conv_in, the last layer of
+        the last up block on [cached deep feature | conv_in output], and the output head.
+        Calls LatentSync's own submodules in the order of its UNet forward."""
+
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep, encoder_hidden_states, deep_feature):
+            u = self.unet
+            emb = u.time_embedding(u.time_proj(timestep.expand(sample.shape[0])).to(dtype=u.dtype))
+            x = torch.cat([deep_feature, u.conv_in(sample)], dim=1)
+            last = u.up_blocks[-1]
+            x = last.resnets[-1](x, emb)
+            x = last.attentions[-1](x, encoder_hidden_states=encoder_hidden_states).sample
+            if last.motion_modules[-1] is not None:
+                x = last.motion_modules[-1](x, emb, encoder_hidden_states=encoder_hidden_states)
+            return u.conv_out(u.conv_act(u.conv_norm_out(x)))
+
     from diffusers import AutoencoderKL
     from omegaconf import OmegaConf
 
@@ -202,7 +255,7 @@ def build_modules(args, whisper_model, unet_mod):
     vae.eval()
     mods["vae_encoder"] = VaeEncoder(vae)
     mods["vae_decoder"] = VaeDecoder(vae)
-    if "unet" not in roles:
+    if not roles & {"unet", *DEEPCACHE_ROLES}:
         return mods
 
     # LatentSync UNet3DConditionModel from the checkout's stage-2 config
@@ -228,7 +281,10 @@ def build_modules(args, whisper_model, unet_mod):
         del ck
     log(f"unet: {cfg_path.name}, {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters "
         f"({n_motion} motion-module tensors)")
-    mods["unet"] = Unet(unet.eval())
+    unet.eval()
+    mods["unet"] = Unet(unet)
+    mods["unet_deepcache_full"] = UnetDeepCacheFull(unet)
+    mods["unet_deepcache_shallow"] = UnetDeepCacheShallow(unet)
     return mods
 
 
@@ -264,8 +320,11 @@ def example_inputs(role, torch):
         return (torch.randn(2, 4, 8, 6, generator=g),)
     # unet: B=2, F=3, h=16, w=24 at trace time; checked later with B=1, F=2, h=w=32
     b, f, h, w = 2, 3, 16, 24
-    return (torch.randn(b, 13, f, h, w, generator=g), torch.tensor([951], dtype=torch.int64),
+    args = (torch.randn(b, 13, f, h, w, generator=g), torch.tensor([951], dtype=torch.int64),
             torch.randn(b * f, 50, 384, generator=g))
+    if role == "unet_deepcache_shallow":  # 320 channels: block_out_channels[0] of every config
+        args += (torch.randn(b, 320, f, h, w, generator=g),)
+    return args
 
 
 DYNAMIC = {
@@ -276,6 +335,9 @@ DYNAMIC = {
     "unet": {"sample": {0: "B", 2: "F", 3: "h", 4: "w"}, "encoder_hidden_states": {0: "B*F"},
              "noise_pred": {0: "B", 2: "F", 3: "h", 4: "w"}},
 }
+_DEEP = {"deep_feature": {0: "B", 2: "F", 3: "h", 4: "w"}}
+DYNAMIC["unet_deepcache_full"] = {**DYNAMIC["unet"], **_DEEP}
+DYNAMIC["unet_deepcache_shallow"] = {**DYNAMIC["unet"], **_DEEP}
 
 
 def set_io(model, spec) -> None:
@@ -349,22 +411,24 @@ def export_one(role, module, spec, out: Path, precision: str, props: dict) -> di
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, props)
     path = out / FILES[role]
-    large = model.ByteSize() > 1_900_000_000 if role != "unet" else True
-    for stale in (path, out / UNET_DATA):
-        if stale.exists() and (stale == path or role == "unet"):
+    data = EXTERNAL_DATA.get(role)
+    if data is None and model.ByteSize() > 1_900_000_000:
+        sys.exit(f"{role}: graph over 2 GB without an external-data file name")
+    for stale in (path, out / data if data else None):
+        if stale is not None and stale.exists():
             stale.unlink()
-    if large:
+    if data:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=UNET_DATA, size_threshold=1024)
+                        location=data, size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))  # path form: works with external data
-    if large:
-        os.chmod(out / UNET_DATA, 0o644)  # onnx writes it 0600; the service may run as another user
+    if data:
+        os.chmod(out / data, 0o644)  # onnx writes it 0600; the service may run as another user
     dt = time.time() - t0
     sizes = {path.name: path.stat().st_size}
-    if large:
-        sizes[UNET_DATA] = (out / UNET_DATA).stat().st_size
+    if data:
+        sizes[data] = (out / data).stat().st_size
     log(f"  {role}: exported in {dt:.1f} s (trace+export {t_export:.1f} s), "
         + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
     return {"seconds": dt, "sizes": sizes}
@@ -404,8 +468,9 @@ def write_lock(out: Path, profile: str, precision: str, args) -> None:
         "",
     ]
     entries = [(f"models.{r}", f) for r, f in FILES.items()] + [("mask", MASK_FILE)]
-    if (out / UNET_DATA).exists():
-        entries.append(("external_data.unet", UNET_DATA))
+    for role, data in EXTERNAL_DATA.items():
+        if (out / data).exists():
+            entries.append((f"external_data.{role}", data))
     for section, name in entries:
         p = out / name
         lines += [f"[{section}]", f'file = "{name}"', f'sha256 = "{sha256_file(p)}"', f"bytes = {p.stat().st_size}", ""]
@@ -441,6 +506,9 @@ def check(out: Path, profile: str, precision: str, mods=None, smoke: bool = True
     sess = {}
     for role, name in FILES.items():
         t0 = time.time()
+        if role in DEEPCACHE_ROLES and not (out / name).exists():
+            log(f"  note  {name}: absent (infer.deepcache_interval must stay 0 with this export)")
+            continue
         try:
             s = ort.InferenceSession(str(out / name), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001
@@ -452,7 +520,9 @@ def check(out: Path, profile: str, precision: str, mods=None, smoke: bool = True
         expect(gen_tiny._declared(s.get_inputs()) == spec["inputs"], f"{name}: inputs match manifest.toml")
         expect(gen_tiny._declared(s.get_outputs()) == spec["outputs"], f"{name}: outputs match manifest.toml")
         log(f"        session created in {time.time() - t0:.1f} s")
-    if not smoke or len(sess) < 4:
+        if role in DEEPCACHE_ROLES:
+            del sess[role], s  # loaded again for their own check below: keep one UNet in memory
+    if not smoke or any(r not in sess for r in FILES if r not in DEEPCACHE_ROLES):
         return fails
 
     import torch
@@ -525,7 +595,73 @@ def check(out: Path, profile: str, precision: str, mods=None, smoke: bool = True
             ref = mods["unet"](torch.from_numpy(sample), torch.tensor([951]), torch.from_numpy(ehs)).numpy()
         compare("unet", eps, ref)
     check.step_seconds = step
+    if all((out / FILES[r]).exists() for r in DEEPCACHE_ROLES):
+        del sess["unet"], u
+        check_deepcache(out, opts, feeds, eps, step, mods, expect, compare)
     return fails
+
+
+def check_deepcache(out: Path, opts, feeds, eps, exact_step: float, mods, expect, compare) -> None:
+    """The DeepCache pair on the inputs of the UNet check: the full graph's noise_pred equals
+    the plain UNet's; the shallow graph, fed the full graph's deep feature at the next
+    timestep with a new sample, equals LatentSync's UNet run under the reference's DeepCache
+    helper (DeepCacheSDHelper, cache_interval=3, cache_branch_id=0) for the same two calls."""
+    import onnxruntime as ort
+    import torch
+
+    log("deepcache: full and shallow graphs")
+    t0 = time.time()
+    full = ort.InferenceSession(str(out / FILES["unet_deepcache_full"]), opts, providers=["CPUExecutionProvider"])
+    log(f"        full graph session created in {time.time() - t0:.1f} s")
+    full.run(None, feeds)  # warm-up
+    t0 = time.time()
+    eps_full, deep = full.run(None, feeds)
+    t_full = time.time() - t0
+    del full
+    b, _, f, h, w = feeds["sample"].shape
+    expect(deep.shape[0] == b and deep.shape[2:] == (f, h, w) and bool(np.isfinite(deep).all()),
+           f"deep_feature {deep.shape}, finite")
+    d = float(np.abs(eps_full - eps).max() / (np.abs(eps).max() + 1e-12))
+    expect(d < 1e-5, f"full graph noise_pred == unet graph noise_pred (max rel. diff {d:.2e})")
+    rs = np.random.RandomState(1)
+    step2 = dict(feeds, sample=rs.standard_normal(feeds["sample"].shape).astype(np.float32),
+                 timestep=np.array([901], dtype=np.int64), deep_feature=deep)
+    shallow = ort.InferenceSession(str(out / FILES["unet_deepcache_shallow"]), opts,
+                                   providers=["CPUExecutionProvider"])
+    shallow.run(None, step2)
+    t0 = time.time()
+    eps_sh = shallow.run(None, step2)[0]
+    t_sh = time.time() - t0
+    del shallow
+    expect(eps_sh.shape == eps.shape and bool(np.isfinite(eps_sh).all()), f"shallow noise_pred {eps_sh.shape}, finite")
+    log(f"unet step B={b} F={f}: exact {exact_step:.2f} s; DeepCache full {t_full:.2f} s, shallow {t_sh:.2f} s; "
+        f"mean per step at interval {DEEPCACHE_INTERVAL}: "
+        f"{(t_full + (DEEPCACHE_INTERVAL - 1) * t_sh) / DEEPCACHE_INTERVAL:.2f} s "
+        f"({exact_step / ((t_full + (DEEPCACHE_INTERVAL - 1) * t_sh) / DEEPCACHE_INTERVAL):.2f}x)")
+    if not mods:
+        return
+    from types import SimpleNamespace
+
+    from DeepCache import DeepCacheSDHelper
+
+    unet = mods["unet"].unet
+    pipe = SimpleNamespace(unet=unet, scheduler=SimpleNamespace(timesteps=torch.tensor([951, 901, 851])))
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=DEEPCACHE_INTERVAL, cache_branch_id=DEEPCACHE_BRANCH)
+    helper.enable()
+    ehs = torch.from_numpy(feeds["encoder_hidden_states"])
+    try:
+        with torch.no_grad():
+            ref0 = unet(torch.from_numpy(feeds["sample"]), torch.tensor([951]), encoder_hidden_states=ehs).sample
+            ref1 = unet(torch.from_numpy(step2["sample"]), torch.tensor([901]), encoder_hidden_states=ehs).sample
+    finally:
+        helper.disable()
+    compare("deepcache full step vs the helper's first (full) call", eps_full, ref0.numpy())
+    compare("deepcache shallow step vs the helper's second (cached) call", eps_sh, ref1.numpy())
+    with torch.no_grad():
+        exact1 = unet(torch.from_numpy(step2["sample"]), torch.tensor([901]), encoder_hidden_states=ehs).sample
+    approx = float((ref1 - exact1).abs().max() / (exact1.abs().max() + 1e-12))
+    log(f"        (a cached step vs the exact step at t=901: max rel. diff {approx:.2e}; random weights)")
 
 
 # --------------------------------------------------------------------------------------------
