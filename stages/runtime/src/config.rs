@@ -151,8 +151,15 @@ impl Default for RunnerConfig {
 pub struct ArtifactsConfig {
     /// Retention of inputs, intermediates and outputs in seconds. Default 604800 (7 days).
     pub ttl_s: u64,
-    /// Bucket size cap in bytes; -1 for none. Default -1.
+    /// Size cap of the media bucket (inputs, intermediates, outputs) in bytes; -1 for
+    /// none. Keep it below the server's `max_file_store` minus what task records and the
+    /// work queue need: media then never takes their space (its own stream, discard-new),
+    /// and a full bucket only refuses new media. Default 16 GiB (the shipped local
+    /// nats.conf has a 20 GB file store).
     pub max_bytes: i64,
+    /// New tasks are refused at the entry (`storage_full`, 507) while fewer than this many
+    /// bytes are left under `max_bytes`. Default 256 MiB.
+    pub admission_reserve_bytes: u64,
     /// Local scratch directory for stages (temp files). Default: the system temp dir.
     pub scratch_dir: Option<PathBuf>,
 }
@@ -161,7 +168,8 @@ impl Default for ArtifactsConfig {
     fn default() -> Self {
         Self {
             ttl_s: 7 * 24 * 3600,
-            max_bytes: -1,
+            max_bytes: 16 << 30,
+            admission_reserve_bytes: 256 << 20,
             scratch_dir: None,
         }
     }
@@ -219,6 +227,15 @@ pub struct FetchConfig {
     pub max_frames: u64,
     /// Time limit of one ffprobe/ffmpeg run in seconds. Default 300.
     pub tool_timeout_s: u64,
+    /// Base time limit of every ffmpeg/ffprobe run of every stage, in seconds of CPU time
+    /// (and of wall time for runs that are not frame readers); the limit of a run is
+    /// `tool_time_base_s + tool_time_per_media_s x media seconds`. Default 60.
+    pub tool_time_base_s: f64,
+    /// Seconds of time limit per second of media a tool run handles. Default 10.
+    pub tool_time_per_media_s: f64,
+    /// The audio conversion stops this many seconds past `max_duration_s`; audio that
+    /// still decodes there is `input_too_long` (whatever its header claims). Default 1.
+    pub audio_margin_s: f64,
 }
 
 impl Default for FetchConfig {
@@ -240,6 +257,9 @@ impl Default for FetchConfig {
             max_height: 2160,
             max_frames: 15_000,
             tool_timeout_s: 300,
+            tool_time_base_s: 60.0,
+            tool_time_per_media_s: 10.0,
+            audio_margin_s: 1.0,
         }
     }
 }

@@ -46,6 +46,13 @@ pub struct MuxConfig {
     /// Delete the task's intermediate artifacts (inputs, 16 kHz audio, face track,
     /// audio features, crops) once the task is completed. Default true.
     pub delete_intermediates: bool,
+    /// Ping-pong keeps the frames a backward lap shows in a lossless compressed spool
+    /// (x264 RGB, qp 0) cut in segments; a backward read decodes one segment into a raw
+    /// window of at most this many bytes on scratch. Default 256 MiB.
+    pub spool_window_bytes: u64,
+    /// Most scratch bytes one render may use (compressed spool + window); a render that
+    /// would need more fails with `input_too_long`. Default 8 GiB.
+    pub max_scratch_bytes: u64,
 }
 
 impl Default for MuxConfig {
@@ -62,6 +69,8 @@ impl Default for MuxConfig {
             audio_bitrate: None,
             local_dir: None,
             delete_intermediates: true,
+            spool_window_bytes: 256 << 20,
+            max_scratch_bytes: 8 << 30,
         }
     }
 }
