@@ -7,6 +7,8 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
+pub mod framesel;
+
 /// Frame rate of every decoded frame sequence and of the output.
 pub const FPS: u32 = 25;
 
@@ -98,16 +100,15 @@ fn first_line(b: &[u8]) -> String {
         .collect()
 }
 
-/// The decoding command: first video stream, rotation applied, exactly 25 fps (duplicating
-/// or dropping frames as needed), RGB24 raw frames on stdout.
+/// The decoding command: first video stream, rotation applied, exactly 25 fps with the
+/// reference's frame selection ([`framesel`]: no `-vf` here), RGB24 raw frames on stdout.
 pub fn decode_command(input: &Path) -> Command {
     let mut c = Command::new("ffmpeg");
     c.args(["-nostdin", "-v", "error", "-i"])
         .arg(input)
-        .args([
-            "-map", "0:v:0", "-an", "-sn", "-dn", "-vf", "fps=25", "-pix_fmt", "rgb24", "-f",
-            "rawvideo", "pipe:1",
-        ])
+        .args(["-map", "0:v:0", "-an", "-sn", "-dn"])
+        .args(framesel::OUTPUT_RATE_ARGS)
+        .args(["-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:1"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
