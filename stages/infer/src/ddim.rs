@@ -138,6 +138,15 @@ fn betas(spec: &SchedulerSpec) -> Result<Vec<f64>, InferError> {
     }
 }
 
+/// Whether DDIM step `i` (0-based, within one chunk) runs the full UNet under DeepCache with
+/// `interval` (0: DeepCache off, every step exact). The reference's helper
+/// (`DeepCacheSDHelper`, uniform mode) runs the full model when
+/// `(step index - first step index seen) % interval == 0`; its first step index is 0 and the
+/// index restarts with every chunk's scheduler loop, so that is `i % interval == 0`.
+pub fn deepcache_full_step(interval: u32, i: usize) -> bool {
+    interval == 0 || i.is_multiple_of(interval as usize)
+}
+
 /// Returns the `[start, end)` output-frame ranges of the chunks of `n` frames,
 /// `per_chunk` each (the last one shorter).
 pub fn chunk_ranges(n: usize, per_chunk: usize) -> Vec<std::ops::Range<usize>> {
@@ -250,6 +259,28 @@ mod tests {
         let mut u = vec![4.0f32];
         guide(&mut u, &[2.0], 1.0);
         assert_eq!(u, vec![2.0]);
+    }
+
+    #[test]
+    fn deepcache_schedule_is_the_reference_helpers() {
+        let kinds = |interval: u32, steps: usize| -> String {
+            (0..steps)
+                .map(|i| {
+                    if deepcache_full_step(interval, i) {
+                        'F'
+                    } else {
+                        'S'
+                    }
+                })
+                .collect()
+        };
+        // cache_interval = 3 (scripts/inference.py), 20 steps: full at 0, 3, ..., 18.
+        assert_eq!(kinds(3, 20), "FSSFSSFSSFSSFSSFSSFS");
+        assert_eq!(kinds(3, 20).matches('F').count(), 7);
+        assert_eq!(kinds(2, 5), "FSFSF");
+        assert_eq!(kinds(1, 4), "FFFF");
+        assert_eq!(kinds(0, 4), "FFFF");
+        assert_eq!(kinds(5, 1), "F");
     }
 
     #[test]

@@ -1,6 +1,15 @@
 //! ONNX Runtime sessions of one GPU worker: VAE encoder, VAE decoder and UNet of the
-//! resolved profile, created once at start-up. Every model run is timed, so the stage can
-//! report its duty cycle (time inside model runs / wall time).
+//! resolved profile (plus the DeepCache pair when `infer.deepcache_interval > 0`), created
+//! once at start-up. Every model run is timed, so the stage can report its duty cycle (time
+//! inside model runs / wall time).
+//!
+//! Provider policy (nothing falls back silently): `infer.device = cuda` needs CUDA;
+//! `cpu` runs on the CPU (a real profile then logs a loud warning and the
+//! `lipsync_infer_provider{provider="cpu",real="true"}` series fires an alert); `auto` takes
+//! CUDA when it works and otherwise runs the CPU only for the random-weight `tiny` profile:
+//! a real profile refuses to start, because a GPU node that quietly runs LatentSync on its
+//! CPU would accept jobs and take hours per clip. A crash-looping pod is loud and its work
+//! stays queued for healthy replicas.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -50,6 +59,114 @@ pub struct EngineOptions {
     pub dylib: Option<PathBuf>,
 }
 
+/// Settings beyond [`EngineOptions`] (DeepCache, TensorRT), from the `[infer]` section.
+#[derive(Debug, Clone, Default)]
+pub struct EngineExtras {
+    /// DeepCache interval: 0 = exact (plain UNet every step), n = a full step every n-th
+    /// step of a chunk and the shallow step in between (the reference's helper schedule).
+    pub deepcache_interval: u32,
+    /// The model manifest, to verify the DeepCache graphs (None: not verified).
+    pub manifest: Option<PathBuf>,
+    /// TensorRT execution provider (before CUDA) with its engine cache in this folder.
+    pub tensorrt_cache: Option<PathBuf>,
+}
+
+impl EngineExtras {
+    /// Reads the extras from a configuration.
+    ///
+    /// # Errors
+    /// An out-of-range `deepcache_interval`.
+    pub fn from_config(cfg: &lipsync_runtime::Config) -> Result<Self> {
+        let i = &cfg.infer;
+        if i.deepcache_interval > 50 {
+            return Err(InferError::BadRequest(format!(
+                "infer.deepcache_interval must be 0 (exact) to 50, not {}",
+                i.deepcache_interval
+            )));
+        }
+        Ok(Self {
+            deepcache_interval: i.deepcache_interval,
+            manifest: Some(cfg.models.manifest.clone()),
+            tensorrt_cache: i.tensorrt.then(|| {
+                i.tensorrt_cache_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(".local/trt-cache"))
+            }),
+        })
+    }
+}
+
+/// Roles of the DeepCache pair (models/manifest.toml).
+pub const DEEPCACHE_ROLES: [&str; 2] = ["unet_deepcache_full", "unet_deepcache_shallow"];
+
+/// Which execution provider the policy picks, before any session exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    /// CPU provider.
+    Cpu,
+    /// CUDA must work (session creation fails otherwise).
+    Cuda,
+    /// Try CUDA; if it does not work, the CPU (only the random-weight profile).
+    CudaElseCpu,
+}
+
+/// The provider policy (see the module docs). `cuda_built`: this binary and its ONNX Runtime
+/// library offer the CUDA provider; `real`: the profile has real weights.
+///
+/// # Errors
+/// `cuda` without CUDA; `auto` without CUDA for a real profile.
+pub fn choose(device: Device, cuda_built: bool, real: bool, profile: &str) -> Result<Choice> {
+    let no_cuda = || {
+        if cfg!(feature = "cuda") {
+            "the onnx runtime library offers no CUDA provider (install onnxruntime-gpu: `make setup` on a machine with an NVIDIA GPU, or point ORT_DYLIB_PATH at its libonnxruntime)"
+        } else {
+            "this binary was built without the `cuda` feature (`make build` on a machine with an NVIDIA GPU builds it with CUDA)"
+        }
+    };
+    match (device, cuda_built) {
+        (Device::Cpu, _) => Ok(Choice::Cpu),
+        (Device::Cuda, true) => Ok(Choice::Cuda),
+        (Device::Cuda, false) => Err(InferError::Model(format!(
+            "infer.device = cuda, but {}",
+            no_cuda()
+        ))),
+        (Device::Auto, true) if real => Ok(Choice::Cuda),
+        (Device::Auto, true) => Ok(Choice::CudaElseCpu),
+        (Device::Auto, false) if real => Err(InferError::Model(format!(
+            "infer.device = auto found no usable CUDA for the real model profile `{profile}`: {}. \
+             Refusing to run it on the CPU (hours per clip); set infer.device = cpu \
+             (LIPSYNC_INFER__DEVICE=cpu) to do that on purpose",
+            no_cuda()
+        ))),
+        (Device::Auto, false) => Ok(Choice::Cpu),
+    }
+}
+
+/// What one worker runs on, for `/readyz`, metrics and task records.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProviderInfo {
+    /// `cpu`, `cuda` or `tensorrt`.
+    pub provider: String,
+    /// Device id (0 on the CPU).
+    pub device_id: usize,
+    /// Model profile.
+    pub profile: String,
+    /// Real weights (false: the random-weight test profile).
+    pub real: bool,
+    /// Precision of the UNet export (`fp32`, `fp16`; empty: unknown).
+    pub precision: String,
+    /// DeepCache interval (0: exact).
+    pub deepcache_interval: u32,
+}
+
+static PROVIDER: OnceLock<ProviderInfo> = OnceLock::new();
+
+/// Returns what the first worker of this process runs on (None before the models loaded).
+/// The infer binary's `/readyz` reports it.
+pub fn provider_info() -> Option<&'static ProviderInfo> {
+    PROVIDER.get()
+}
+
 static ENV: OnceLock<std::result::Result<Arc<Environment>, String>> = OnceLock::new();
 
 /// Loads ONNX Runtime once per process and returns its environment.
@@ -77,17 +194,46 @@ fn environment(dylib: Option<&Path>) -> Result<Arc<Environment>> {
     .map_err(InferError::Model)
 }
 
-/// The three sessions of one worker and the time spent inside them.
+/// The sessions of one worker and the time spent inside them.
 pub struct Engine {
     vae_encoder: Session,
     vae_decoder: Session,
     unet: Session,
-    /// Execution provider actually requested (`cpu` or `cuda:<id>`).
+    /// DeepCache full and shallow steps (when `deepcache_interval > 0`).
+    deepcache: Option<(Session, Session)>,
+    deepcache_interval: u32,
+    /// Execution provider in use (`cpu`, `cuda:<id>` or `tensorrt:<id>`).
     pub provider: String,
+    /// The same, structured.
+    pub info: ProviderInfo,
     busy: Duration,
     unet_busy: Duration,
-    /// UNet runs since start-up.
+    /// UNet runs since start-up (plain, full and shallow steps).
     pub unet_runs: u64,
+    /// Time and runs of the DeepCache full and shallow steps.
+    pub deepcache_stats: DeepCacheStats,
+}
+
+/// Time spent in each kind of DeepCache step.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeepCacheStats {
+    /// Full steps run.
+    pub full_runs: u64,
+    /// Time inside full steps.
+    pub full_busy: Duration,
+    /// Shallow steps run.
+    pub shallow_runs: u64,
+    /// Time inside shallow steps.
+    pub shallow_busy: Duration,
+}
+
+/// A cached deep feature `[B, C, F, h, w]` of the last full step.
+#[derive(Debug, Clone)]
+pub struct DeepFeature {
+    /// Values.
+    pub data: Vec<f32>,
+    /// Shape.
+    pub shape: [usize; 5],
 }
 
 impl Engine {
@@ -97,35 +243,105 @@ impl Engine {
     /// ONNX Runtime cannot be loaded, CUDA was required but is unavailable, or a model
     /// does not load.
     pub fn load(profile: &ResolvedProfile, opts: &EngineOptions, device_id: usize) -> Result<Self> {
+        Self::load_with(profile, opts, &EngineExtras::default(), device_id)
+    }
+
+    /// [`Engine::load`] with DeepCache / TensorRT settings.
+    ///
+    /// # Errors
+    /// As [`Engine::load`]; also a DeepCache interval without the DeepCache graphs.
+    pub fn load_with(
+        profile: &ResolvedProfile,
+        opts: &EngineOptions,
+        extras: &EngineExtras,
+        device_id: usize,
+    ) -> Result<Self> {
         let env = environment(opts.dylib.as_deref())?;
-        let use_cuda = want_cuda(opts.device)?;
-        let provider = if use_cuda {
-            format!("cuda:{device_id}")
-        } else {
-            "cpu".to_owned()
+        let real = profile.profile.real;
+        let choice = choose(opts.device, cuda_built(), real, &profile.name)?;
+        if extras.deepcache_interval > 0 {
+            require_deepcache(profile, extras)?;
+        }
+        let attempt = |gpu: bool| -> Result<Self> {
+            let trt = gpu.then_some(()).and(extras.tensorrt_cache.as_deref());
+            let open = |role: &str| -> Result<Session> {
+                let path = profile
+                    .model_path(role)
+                    .ok_or_else(|| InferError::Model(format!("profile has no `{role}` model")))?;
+                let builder = Session::builder(&env)?
+                    .with_optimization_level(GraphOptimizationLevel::Level3)
+                    .map_err(ort::Error::from)?;
+                let builder = with_threads(builder, opts.intra_threads)?;
+                let mut builder = with_provider(builder, gpu, trt, device_id)?;
+                builder
+                    .commit_from_file(&path)
+                    .map_err(|e| InferError::Model(format!("cannot load the {role} model: {e}")))
+            };
+            let deepcache = if extras.deepcache_interval > 0 {
+                Some((open(DEEPCACHE_ROLES[0])?, open(DEEPCACHE_ROLES[1])?))
+            } else {
+                None
+            };
+            let kind = match (gpu, trt.is_some()) {
+                (false, _) => "cpu",
+                (true, false) => "cuda",
+                (true, true) => "tensorrt",
+            };
+            let info = ProviderInfo {
+                provider: kind.to_owned(),
+                device_id: if gpu { device_id } else { 0 },
+                profile: profile.name.clone(),
+                real,
+                precision: unet_precision(profile),
+                deepcache_interval: extras.deepcache_interval,
+            };
+            Ok(Self {
+                vae_encoder: open("vae_encoder")?,
+                vae_decoder: open("vae_decoder")?,
+                unet: open("unet")?,
+                deepcache,
+                deepcache_interval: extras.deepcache_interval,
+                provider: if gpu {
+                    format!("{kind}:{device_id}")
+                } else {
+                    kind.to_owned()
+                },
+                info,
+                busy: Duration::ZERO,
+                unet_busy: Duration::ZERO,
+                unet_runs: 0,
+                deepcache_stats: DeepCacheStats::default(),
+            })
         };
-        let open = |role: &str| -> Result<Session> {
-            let path = profile
-                .model_path(role)
-                .ok_or_else(|| InferError::Model(format!("profile has no `{role}` model")))?;
-            let builder = Session::builder(&env)?
-                .with_optimization_level(GraphOptimizationLevel::Level3)
-                .map_err(ort::Error::from)?;
-            let builder = with_threads(builder, opts.intra_threads)?;
-            let mut builder = with_provider(builder, use_cuda, device_id)?;
-            builder
-                .commit_from_file(&path)
-                .map_err(|e| InferError::Model(format!("cannot load the {role} model: {e}")))
+        let engine = match choice {
+            Choice::Cpu => attempt(false)?,
+            Choice::Cuda => attempt(true).map_err(|e| {
+                InferError::Model(format!(
+                    "the CUDA provider did not work ({e}); check `nvidia-smi`, the driver (CUDA 13 needs >= 580) and the onnxruntime-gpu runtime libraries"
+                ))
+            })?,
+            Choice::CudaElseCpu => attempt(true).or_else(|e| {
+                tracing::warn!(error = %e, profile = %profile.name, "CUDA did not work: the random-weight profile runs on the CPU");
+                attempt(false)
+            })?,
         };
-        Ok(Self {
-            vae_encoder: open("vae_encoder")?,
-            vae_decoder: open("vae_decoder")?,
-            unet: open("unet")?,
-            provider,
-            busy: Duration::ZERO,
-            unet_busy: Duration::ZERO,
-            unet_runs: 0,
-        })
+        if engine.info.provider == "cpu" && real {
+            tracing::warn!(
+                profile = %profile.name,
+                "infer.device = cpu with a real LatentSync profile: expect hours per clip (the GPU is not used)"
+            );
+        }
+        if engine.info.provider != "cpu" && engine.info.precision == "fp32" {
+            tracing::warn!(profile = %profile.name, "fp32 UNet on the GPU: `PRECISION=fp16 make models` is about twice as fast");
+        }
+        crate::metrics::set_provider(&engine.info);
+        let _ = PROVIDER.set(engine.info.clone());
+        Ok(engine)
+    }
+
+    /// Returns the DeepCache interval of this worker (0: exact).
+    pub fn deepcache_interval(&self) -> u32 {
+        self.deepcache_interval
     }
 
     /// Returns the time spent inside UNet runs.
@@ -208,6 +424,139 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// DeepCache full step: as [`Engine::unet`], plus the deep feature to cache.
+    ///
+    /// # Errors
+    /// No DeepCache graphs loaded, or a failed run.
+    pub fn unet_full(
+        &mut self,
+        sample: &[f32],
+        shape: [usize; 5],
+        t: i64,
+        audio: &[f32],
+    ) -> Result<(Vec<f32>, DeepFeature)> {
+        let start = Instant::now();
+        let [b, _, f, _, _] = shape;
+        let Some((full, _)) = self.deepcache.as_mut() else {
+            return Err(InferError::Model("DeepCache graphs not loaded".into()));
+        };
+        let sample = TensorRef::from_array_view((shape, sample))?;
+        let timestep = [t];
+        let timestep = TensorRef::from_array_view(([1usize], &timestep[..]))?;
+        let tokens = audio.len() / (b * f * 384).max(1);
+        let audio = TensorRef::from_array_view(([b * f, tokens, 384], audio))?;
+        let out = full.run(ort::inputs![
+            "sample" => sample,
+            "timestep" => timestep,
+            "encoder_hidden_states" => audio,
+        ])?;
+        let (_, eps) = out["noise_pred"].try_extract_tensor::<f32>()?;
+        let (dshape, deep) = out["deep_feature"].try_extract_tensor::<f32>()?;
+        let dims: Vec<usize> = dshape.iter().map(|&d| d as usize).collect();
+        let deep_shape: [usize; 5] = dims
+            .try_into()
+            .map_err(|_| InferError::Model("deep_feature is not 5-D".into()))?;
+        let res = (
+            eps.to_vec(),
+            DeepFeature {
+                data: deep.to_vec(),
+                shape: deep_shape,
+            },
+        );
+        drop(out);
+        let spent = start.elapsed();
+        self.account(spent);
+        self.deepcache_stats.full_runs += 1;
+        self.deepcache_stats.full_busy += spent;
+        Ok(res)
+    }
+
+    /// DeepCache shallow step: the noise prediction from `sample` and the cached `deep`.
+    ///
+    /// # Errors
+    /// No DeepCache graphs loaded, or a failed run.
+    pub fn unet_shallow(
+        &mut self,
+        sample: &[f32],
+        shape: [usize; 5],
+        t: i64,
+        audio: &[f32],
+        deep: &DeepFeature,
+    ) -> Result<Vec<f32>> {
+        let start = Instant::now();
+        let [b, _, f, _, _] = shape;
+        let Some((_, shallow)) = self.deepcache.as_mut() else {
+            return Err(InferError::Model("DeepCache graphs not loaded".into()));
+        };
+        let sample = TensorRef::from_array_view((shape, sample))?;
+        let timestep = [t];
+        let timestep = TensorRef::from_array_view(([1usize], &timestep[..]))?;
+        let tokens = audio.len() / (b * f * 384).max(1);
+        let audio = TensorRef::from_array_view(([b * f, tokens, 384], audio))?;
+        let cached = TensorRef::from_array_view((deep.shape, &deep.data[..]))?;
+        let out = shallow.run(ort::inputs![
+            "sample" => sample,
+            "timestep" => timestep,
+            "encoder_hidden_states" => audio,
+            "deep_feature" => cached,
+        ])?;
+        let (_, eps) = out["noise_pred"].try_extract_tensor::<f32>()?;
+        let res = eps.to_vec();
+        drop(out);
+        let spent = start.elapsed();
+        self.account(spent);
+        self.deepcache_stats.shallow_runs += 1;
+        self.deepcache_stats.shallow_busy += spent;
+        Ok(res)
+    }
+
+    fn account(&mut self, spent: Duration) {
+        self.busy += spent;
+        self.unet_busy += spent;
+        self.unet_runs += 1;
+    }
+}
+
+/// Checks that the profile has the DeepCache graphs (and their lock entries).
+fn require_deepcache(profile: &ResolvedProfile, extras: &EngineExtras) -> Result<()> {
+    let missing: Vec<&str> = DEEPCACHE_ROLES
+        .iter()
+        .copied()
+        .filter(|r| profile.model_path(r).is_none_or(|p| !p.exists()))
+        .collect();
+    if !missing.is_empty() {
+        return Err(InferError::Model(format!(
+            "infer.deepcache_interval = {} needs the DeepCache graphs ({}) in {}: re-run `make models` (or `make setup` for tiny), or set infer.deepcache_interval = 0",
+            extras.deepcache_interval,
+            missing.join(", "),
+            profile.dir.display()
+        )));
+    }
+    if let Some(manifest) = &extras.manifest {
+        lipsync_runtime::models::verify(manifest, &profile.name, &DEEPCACHE_ROLES)
+            .map_err(|e| InferError::Model(format!("DeepCache graphs: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The `precision` the exporter wrote into the profile's lock file (`fp32` when absent:
+/// the tiny generator only writes fp32).
+fn unet_precision(profile: &ResolvedProfile) -> String {
+    let lock = profile
+        .profile
+        .lock_file
+        .as_deref()
+        .and_then(|l| std::fs::read_to_string(profile.dir.join(l)).ok())
+        .unwrap_or_default();
+    lock.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == "precision").then(|| v.trim().trim_matches('"').to_owned())
+        })
+        .unwrap_or_else(|| "fp32".to_owned())
+}
+
 fn with_threads(builder: SessionBuilder, threads: usize) -> Result<SessionBuilder> {
     if threads == 0 {
         return Ok(builder);
@@ -218,48 +567,111 @@ fn with_threads(builder: SessionBuilder, threads: usize) -> Result<SessionBuilde
 }
 
 #[cfg(feature = "cuda")]
-fn want_cuda(device: Device) -> Result<bool> {
+fn cuda_built() -> bool {
     use ort::ep::ExecutionProvider;
-    let available = ort::ep::CUDA::is_available().unwrap_or(false);
-    match device {
-        Device::Cpu => Ok(false),
-        Device::Auto => Ok(available),
-        Device::Cuda if available => Ok(true),
-        Device::Cuda => Err(InferError::Model(
-            "infer.device = cuda but onnx runtime offers no CUDA provider (install onnxruntime-gpu and point ORT_DYLIB_PATH at it)".into(),
-        )),
-    }
+    ort::ep::CUDA::is_available().unwrap_or(false)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn want_cuda(device: Device) -> Result<bool> {
-    match device {
-        Device::Cpu | Device::Auto => Ok(false),
-        Device::Cuda => Err(InferError::Model(
-            "infer.device = cuda but this binary was built without the `cuda` feature".into(),
-        )),
-    }
+fn cuda_built() -> bool {
+    false
 }
 
 #[cfg(feature = "cuda")]
-fn with_provider(builder: SessionBuilder, cuda: bool, device_id: usize) -> Result<SessionBuilder> {
+fn with_provider(
+    builder: SessionBuilder,
+    cuda: bool,
+    tensorrt_cache: Option<&Path>,
+    device_id: usize,
+) -> Result<SessionBuilder> {
     if !cuda {
         return Ok(builder);
     }
-    let ep = ort::ep::CUDA::default()
-        .with_device_id(device_id as i32)
-        .build()
-        .error_on_failure();
+    let mut eps = Vec::new();
+    if let Some(cache) = tensorrt_cache {
+        eps.push(tensorrt(cache, device_id)?);
+    }
+    eps.push(
+        ort::ep::CUDA::default()
+            .with_device_id(device_id as i32)
+            .build()
+            .error_on_failure(),
+    );
     Ok(builder
-        .with_execution_providers([ep])
+        .with_execution_providers(eps)
         .map_err(ort::Error::from)?)
+}
+
+#[cfg(feature = "tensorrt")]
+fn tensorrt(cache: &Path, device_id: usize) -> Result<ort::ep::ExecutionProviderDispatch> {
+    std::fs::create_dir_all(cache).map_err(|e| {
+        InferError::Model(format!("tensorrt engine cache {}: {e}", cache.display()))
+    })?;
+    Ok(ort::ep::TensorRT::default()
+        .with_device_id(device_id as i32)
+        .with_fp16(true)
+        .with_engine_cache(true)
+        .with_engine_cache_path(cache.display())
+        .with_timing_cache(true)
+        .with_timing_cache_path(cache.display())
+        .build()
+        .error_on_failure())
+}
+
+#[cfg(all(feature = "cuda", not(feature = "tensorrt")))]
+fn tensorrt(_cache: &Path, _device_id: usize) -> Result<ort::ep::ExecutionProviderDispatch> {
+    Err(InferError::Model(
+        "infer.tensorrt = true but this binary was built without the `tensorrt` feature".into(),
+    ))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn with_provider(
     builder: SessionBuilder,
     _cuda: bool,
+    _tensorrt_cache: Option<&Path>,
     _device_id: usize,
 ) -> Result<SessionBuilder> {
     Ok(builder)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_without_cuda_refuses_a_real_profile() {
+        let err = choose(Device::Auto, false, true, "latentsync-1.6").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("infer.device = cpu"), "{msg}");
+        assert!(msg.contains("latentsync-1.6"), "{msg}");
+    }
+
+    #[test]
+    fn explicit_cpu_runs_anything_on_the_cpu() {
+        for (cuda, real) in [(false, true), (true, true), (false, false), (true, false)] {
+            assert_eq!(choose(Device::Cpu, cuda, real, "p").unwrap(), Choice::Cpu);
+        }
+    }
+
+    #[test]
+    fn tiny_falls_back_real_does_not() {
+        assert_eq!(
+            choose(Device::Auto, false, false, "tiny").unwrap(),
+            Choice::Cpu
+        );
+        assert_eq!(
+            choose(Device::Auto, true, false, "tiny").unwrap(),
+            Choice::CudaElseCpu
+        );
+        assert_eq!(
+            choose(Device::Auto, true, true, "latentsync-1.5").unwrap(),
+            Choice::Cuda
+        );
+        assert!(choose(Device::Cuda, false, false, "tiny").is_err());
+        assert_eq!(
+            choose(Device::Cuda, true, false, "tiny").unwrap(),
+            Choice::Cuda
+        );
+    }
 }

@@ -18,6 +18,21 @@ pub struct InferMetrics {
     pub steps_per_second: GaugeVec,
     /// Seconds the GPU worker spent outside model runs (between and inside jobs).
     pub idle_seconds: CounterVec,
+    /// 1 for the execution provider in use, with the model profile and whether its weights
+    /// are real (alerts: a real profile on `cpu`, the `tiny` profile serving).
+    pub provider: GaugeVec,
+}
+
+/// Publishes `lipsync_infer_provider{provider, profile, real} 1` (only that series).
+pub fn set_provider(info: &crate::engine::ProviderInfo) {
+    let g = &metrics().provider;
+    g.reset();
+    g.with_label_values(&[
+        info.provider.as_str(),
+        info.profile.as_str(),
+        if info.real { "true" } else { "false" },
+    ])
+    .set(1.0);
 }
 
 /// Returns the metrics, registering them on first use.
@@ -50,11 +65,20 @@ pub fn metrics() -> &'static InferMetrics {
                 &["stage"],
             )
             .expect("valid counter"),
+            provider: GaugeVec::new(
+                Opts::new(
+                    "lipsync_infer_provider",
+                    "Execution provider of the infer stage (1 for the one in use), its model profile and whether the weights are real",
+                ),
+                &["provider", "profile", "real"],
+            )
+            .expect("valid gauge"),
         };
         let r = prometheus::default_registry();
         let _ = r.register(Box::new(m.seconds_per_output_second.clone()));
         let _ = r.register(Box::new(m.steps_per_second.clone()));
         let _ = r.register(Box::new(m.idle_seconds.clone()));
+        let _ = r.register(Box::new(m.provider.clone()));
         m
     })
 }

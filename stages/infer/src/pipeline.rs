@@ -24,8 +24,8 @@ use lipsync_runtime::models::SchedulerSpec;
 use lipsync_schemas::FaceTrack;
 
 use crate::crops::{CropsCodec, CropsWriter};
-use crate::ddim::{Ddim, chunk_ranges, guide};
-use crate::engine::Engine;
+use crate::ddim::{Ddim, chunk_ranges, deepcache_full_step, guide};
+use crate::engine::{DeepFeature, Engine};
 use crate::error::{InferError, Result};
 use crate::frames::{CropGeometry, CropStore};
 use crate::image::{paste_back, push_planar};
@@ -85,6 +85,11 @@ pub struct Report {
     pub wall_time: Duration,
     /// Time the model thread waited for a prepared chunk.
     pub model_wait: Duration,
+    /// UNet calls of each generated chunk, in order: `E` exact (plain UNet), `F` DeepCache
+    /// full step, `S` DeepCache shallow step.
+    pub unet_schedule: Vec<String>,
+    /// DeepCache full / shallow steps and the time inside each kind.
+    pub deepcache: crate::engine::DeepCacheStats,
 }
 
 impl Report {
@@ -178,6 +183,7 @@ pub fn run(
     let store = CropStore::new(scratch, g)?;
     let needed = n_video.min(n_out);
     let busy_before = engine.busy();
+    let dc_before = engine.deepcache_stats;
     let runs_before = engine.unet_runs;
     let unet_before = engine.unet_busy();
 
@@ -242,6 +248,13 @@ pub fn run(
     report.unet_steps = engine.unet_runs - runs_before;
     report.model_time = engine.busy() - busy_before;
     report.unet_time = engine.unet_busy() - unet_before;
+    let dc = engine.deepcache_stats;
+    report.deepcache = crate::engine::DeepCacheStats {
+        full_runs: dc.full_runs - dc_before.full_runs,
+        full_busy: dc.full_busy - dc_before.full_busy,
+        shallow_runs: dc.shallow_runs - dc_before.shallow_runs,
+        shallow_busy: dc.shallow_busy - dc_before.shallow_busy,
+    };
     report.wall_time = started.elapsed();
     Ok(report)
 }
@@ -333,11 +346,23 @@ fn denoise_all(
         let decoded = if f == 0 {
             Vec::new()
         } else {
-            let d = denoise_chunk(engine, ddim, params, mask, &noise, &chunk, f, &mut |_| {
-                done += 1;
-                control.step(done, total_steps)
-            })?;
+            let mut kinds = String::new();
+            let d = denoise_chunk(
+                engine,
+                ddim,
+                params,
+                mask,
+                &noise,
+                &chunk,
+                f,
+                &mut kinds,
+                &mut |_| {
+                    done += 1;
+                    control.step(done, total_steps)
+                },
+            )?;
             report.chunks_generated += 1;
+            report.unet_schedule.push(kinds);
             d
         };
         let out = ChunkOut {
@@ -362,6 +387,7 @@ fn denoise_chunk(
     noise: &[f32],
     chunk: &ChunkIn,
     f: usize,
+    kinds: &mut String,
     after_step: &mut dyn FnMut(usize) -> bool,
 ) -> Result<Vec<f32>> {
     let r = params.geometry.resolution;
@@ -417,11 +443,29 @@ fn denoise_chunk(
     } else {
         chunk.audio.clone()
     };
+    let interval = engine.deepcache_interval();
+    let mut cached: Option<DeepFeature> = None;
     for (i, &t) in ddim.timesteps().iter().enumerate() {
         for b in 0..batch {
             sample[b * item..b * item + block].copy_from_slice(&latents);
         }
-        let mut eps = engine.unet(&sample, [batch, 13, f, h, w], t, &audio)?;
+        let shape = [batch, 13, f, h, w];
+        let mut eps = match cached.as_ref() {
+            _ if interval == 0 => {
+                kinds.push('E');
+                engine.unet(&sample, shape, t, &audio)?
+            }
+            Some(deep) if !deepcache_full_step(interval, i) => {
+                kinds.push('S');
+                engine.unet_shallow(&sample, shape, t, &audio, deep)?
+            }
+            _ => {
+                kinds.push('F');
+                let (eps, deep) = engine.unet_full(&sample, shape, t, &audio)?;
+                cached = Some(deep);
+                eps
+            }
+        };
         if cfg {
             let (uncond, cond) = eps.split_at_mut(block);
             guide(uncond, cond, params.guidance as f32);

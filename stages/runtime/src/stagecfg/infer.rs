@@ -41,6 +41,19 @@ pub struct InferConfig {
     /// Chunks prepared ahead of the model (bounded queue between the CPU threads and the
     /// model thread). Default 2.
     pub prefetch_chunks: usize,
+    /// DeepCache: 0 runs the exact UNet at every DDIM step; n > 0 runs the full UNet (which
+    /// also returns its deep feature) at steps 0, n, 2n, ... of each chunk and the shallow
+    /// step that reuses that feature in between, as the reference's DeepCache helper does
+    /// (its demos use 3: about 2x fewer UNet FLOPs, an approximation). Needs the profile's
+    /// DeepCache graphs (`make models`). At most 50. Default 0.
+    pub deepcache_interval: u32,
+    /// Put ONNX Runtime's TensorRT execution provider before CUDA (needs a binary built with
+    /// the `tensorrt` feature and TensorRT 10 libraries from the PyPI `tensorrt` wheels on
+    /// the library path). The first start builds engines (minutes) into
+    /// `tensorrt_cache_dir`; later starts reuse them. Default false.
+    pub tensorrt: bool,
+    /// TensorRT engine and timing cache folder; empty: `.local/trt-cache`. Default empty.
+    pub tensorrt_cache_dir: Option<PathBuf>,
 }
 
 impl Default for InferConfig {
@@ -56,6 +69,9 @@ impl Default for InferConfig {
             crops_codec: "x264".into(),
             crops_crf: 8,
             prefetch_chunks: 2,
+            deepcache_interval: 0,
+            tensorrt: false,
+            tensorrt_cache_dir: None,
         }
     }
 }
