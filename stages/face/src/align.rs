@@ -71,14 +71,15 @@ pub fn anchors(layout: Layout, landmarks: &[[f32; 2]]) -> Option<[Point; 3]> {
             }
             let mean = |idx: &[usize]| -> Point {
                 let n = idx.len() as f64;
-                // The reference rounds the landmarks to integers, then the means.
+                // The reference rounds the landmarks to integers, then the means, both
+                // with `np.round` (halves to even).
                 let (sx, sy) = idx.iter().fold((0.0, 0.0), |(x, y), &i| {
                     (
-                        x + f64::from(landmarks[i][0]).round(),
-                        y + f64::from(landmarks[i][1]).round(),
+                        x + f64::from(landmarks[i][0]).round_ties_even(),
+                        y + f64::from(landmarks[i][1]).round_ties_even(),
                     )
                 });
-                [(sx / n).round(), (sy / n).round()]
+                [(sx / n).round_ties_even(), (sy / n).round_ties_even()]
             };
             Some([mean(&BROW_LEFT_106), mean(&BROW_RIGHT_106), mean(&NOSE_106)])
         }
@@ -221,6 +222,23 @@ mod tests {
         }
         let a = anchors(Layout::Dense106, &lm).unwrap();
         assert_eq!(a, [[10.0, 20.0], [50.0, 20.0], [30.0, 41.0]]);
+        // Halves go to even, as `np.round` does: 2.5 -> 2, 3.5 -> 4, -0.5 -> -0; and the
+        // mean 10.5 of the brow (10, 10, 11, 11, 10.5 -> 10) -> 10.
+        for (k, i) in BROW_LEFT_106.into_iter().enumerate() {
+            lm[i] = [[10.0, 10.0, 11.0, 11.0, 10.5][k], 2.5];
+        }
+        for i in NOSE_106 {
+            lm[i] = [3.5, -0.5];
+        }
+        let a = anchors(Layout::Dense106, &lm).unwrap();
+        assert_eq!(a[0], [10.0, 2.0]);
+        assert_eq!(a[2], [4.0, 0.0]);
+        // 11, 11, 11.5 (-> 12), 12: the mean 11.5 goes to 12.
+        let mut lm2 = lm.clone();
+        for (k, i) in NOSE_106.into_iter().enumerate() {
+            lm2[i] = [[11.0, 11.0, 11.5, 12.0][k], 0.0];
+        }
+        assert_eq!(anchors(Layout::Dense106, &lm2).unwrap()[2], [12.0, 0.0]);
         assert!(anchors(Layout::Dense106, &lm[..10]).is_none());
     }
 }

@@ -32,6 +32,8 @@ pub struct FaceSettings {
     pub session: SessionOptions,
     /// Detector input size.
     pub det_size: u32,
+    /// SCRFD input size (InsightFace).
+    pub insightface_det_size: u32,
     /// NMS IoU.
     pub nms_iou: f32,
     /// RetinaFace second pass on face crops.
@@ -77,6 +79,13 @@ impl FaceSettings {
                 "face.det_size must be within 32..=4096".into(),
             ));
         }
+        if !(32..=4096).contains(&cfg.insightface_det_size)
+            || !cfg.insightface_det_size.is_multiple_of(32)
+        {
+            return Err(FaceError::Config(
+                "face.insightface_det_size must be a multiple of 32 within 32..=4096".into(),
+            ));
+        }
         if cfg.batch_size == 0 || cfg.batch_size > 256 {
             return Err(FaceError::Config(
                 "face.batch_size must be within 1..=256".into(),
@@ -101,6 +110,7 @@ impl FaceSettings {
                 library: cfg.ort_dylib_path.clone(),
             },
             det_size: cfg.det_size,
+            insightface_det_size: cfg.insightface_det_size,
             nms_iou: cfg.nms_iou,
             refine: cfg.refine_landmarks,
             track: TrackSettings {
@@ -159,7 +169,7 @@ impl FaceSettings {
                 det,
                 landmarks,
                 &self.session,
-                self.det_size,
+                self.insightface_det_size,
                 min_score,
                 self.nms_iou,
             )?),

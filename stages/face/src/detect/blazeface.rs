@@ -116,6 +116,7 @@ impl Detector for BlazeFace {
             mean: [127.5; 3],
             std: [127.5; 3],
             pad: [0, 0, 0],
+            resize: super::Resize::BoxBilinear,
         }
     }
 

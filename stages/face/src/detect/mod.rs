@@ -68,6 +68,24 @@ pub struct InputSpec {
     pub std: [f32; 3],
     /// Raw RGB value of the canvas outside the frame.
     pub pad: [u8; 3],
+    /// How the frame is resampled to the input size.
+    pub resize: Resize,
+}
+
+/// Resampling of a frame into the detector input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resize {
+    /// Box averaging for strong down-scaling, then bilinear in floats (our default).
+    BoxBilinear,
+    /// OpenCV's `resize` with `INTER_LINEAR` on 8-bit pixels into the top-left
+    /// `width` x `height` of the canvas (no anti-aliasing, 11-bit fixed-point weights,
+    /// results rounded to 8 bits), as InsightFace's SCRFD preprocessing does.
+    CvLinear {
+        /// Width of the resized frame.
+        width: usize,
+        /// Height of the resized frame.
+        height: usize,
+    },
 }
 
 impl InputSpec {
@@ -104,6 +122,14 @@ impl InputSpec {
     /// down-scaling first averages integer `k` x `k` boxes (anti-aliasing), then samples
     /// bilinearly with precomputed taps.
     pub fn prepare(&self, frame: &[u8], width: usize, height: usize, out: &mut Vec<f32>) {
+        if let Resize::CvLinear {
+            width: nw,
+            height: nh,
+        } = self.resize
+        {
+            self.prepare_cv(frame, width, height, nw, nh, out);
+            return;
+        }
         let start = out.len();
         out.resize(start + self.len(), 0.0);
         let dst = &mut out[start..];
@@ -156,6 +182,96 @@ impl InputSpec {
             }
         }
     }
+}
+
+impl InputSpec {
+    /// [`Resize::CvLinear`]: resize to `nw` x `nh` 8-bit pixels, pad, normalise.
+    fn prepare_cv(
+        &self,
+        frame: &[u8],
+        width: usize,
+        height: usize,
+        nw: usize,
+        nh: usize,
+        out: &mut Vec<f32>,
+    ) {
+        let (nw, nh) = (nw.min(self.in_w), nh.min(self.in_h));
+        let resized = cv_resize_linear(frame, width, height, nw, nh);
+        let order: [usize; 3] = if self.bgr { [2, 1, 0] } else { [0, 1, 2] };
+        let start = out.len();
+        out.resize(start + self.len(), 0.0);
+        let dst = &mut out[start..];
+        let plane = self.in_w * self.in_h;
+        for y in 0..self.in_h {
+            for x in 0..self.in_w {
+                for (c, &sc) in order.iter().enumerate() {
+                    let raw = if x < nw && y < nh {
+                        resized[(y * nw + x) * 3 + sc]
+                    } else {
+                        self.pad[sc]
+                    };
+                    let v = (f32::from(raw) - self.mean[c]) / self.std[c];
+                    let idx = match self.layout {
+                        TensorLayout::Nchw => c * plane + y * self.in_w + x,
+                        TensorLayout::Nhwc => (y * self.in_w + x) * 3 + c,
+                    };
+                    dst[idx] = v;
+                }
+            }
+        }
+    }
+}
+
+/// OpenCV's `cv::resize(src, dst, (dw, dh), INTER_LINEAR)` for 8-bit, 3-channel images:
+/// pixel-centre mapping `s = (d + 0.5) * src / dst - 0.5`, clamped at the borders, weights
+/// in 11-bit fixed point, the two passes rounded once at the end (the scalar path of
+/// OpenCV; its SIMD path may round a value 1 level differently).
+pub fn cv_resize_linear(src: &[u8], sw: usize, sh: usize, dw: usize, dh: usize) -> Vec<u8> {
+    const ONE: i32 = 2048;
+    let taps = |n_dst: usize, n_src: usize| -> Vec<(usize, usize, i32)> {
+        let scale = n_src as f64 / n_dst as f64;
+        (0..n_dst)
+            .map(|d| {
+                let f = (d as f64 + 0.5) * scale - 0.5;
+                let mut i = f.floor() as i64;
+                let mut frac = f - i as f64;
+                if i < 0 {
+                    i = 0;
+                    frac = 0.0;
+                }
+                if i as usize >= n_src - 1 {
+                    i = n_src as i64 - 1;
+                    frac = 0.0;
+                }
+                let i = i as usize;
+                let w0 = ((1.0 - frac) * f64::from(ONE)).round() as i32;
+                (i, (i + 1).min(n_src - 1), w0)
+            })
+            .collect()
+    };
+    let (xt, yt) = (taps(dw, sw), taps(dh, sh));
+    let mut out = vec![0u8; dw * dh * 3];
+    let mut row0 = vec![0i32; dw * 3];
+    let mut row1 = vec![0i32; dw * 3];
+    let hrow = |y: usize, buf: &mut [i32]| {
+        let r = &src[y * sw * 3..(y + 1) * sw * 3];
+        for (x, &(x0, x1, w0)) in xt.iter().enumerate() {
+            for c in 0..3 {
+                buf[x * 3 + c] =
+                    i32::from(r[x0 * 3 + c]) * w0 + i32::from(r[x1 * 3 + c]) * (ONE - w0);
+            }
+        }
+    };
+    for (y, &(y0, y1, w0)) in yt.iter().enumerate() {
+        hrow(y0, &mut row0);
+        hrow(y1, &mut row1);
+        let o = &mut out[y * dw * 3..(y + 1) * dw * 3];
+        for (i, v) in o.iter_mut().enumerate() {
+            let acc = i64::from(row0[i]) * i64::from(w0) + i64::from(row1[i]) * i64::from(ONE - w0);
+            *v = ((acc + (1 << 21)) >> 22).clamp(0, 255) as u8;
+        }
+    }
+    out
 }
 
 /// Averages `k` x `k` boxes of an RGB24 frame into f32 RGB (`k = 1`: a plain copy).
@@ -313,6 +429,7 @@ mod tests {
             mean: [0.0; 3],
             std: [1.0; 3],
             pad: [7, 8, 9],
+            resize: Resize::BoxBilinear,
         };
         let mut out = Vec::new();
         spec.prepare(&frame, 2, 1, &mut out);

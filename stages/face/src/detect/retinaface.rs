@@ -261,6 +261,7 @@ impl Detector for RetinaFace {
             mean: MEAN_BGR,
             std: [1.0; 3],
             pad: [123, 117, 104],
+            resize: super::Resize::BoxBilinear,
         }
     }
 

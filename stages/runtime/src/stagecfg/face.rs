@@ -32,8 +32,12 @@ pub struct FaceConfig {
     /// `detector = "insightface"`). Default none.
     pub insightface_landmark_model: Option<PathBuf>,
     /// Detector input size in pixels: frames are scaled (aspect kept) to fit a square of
-    /// this side (RetinaFace, SCRFD; BlazeFace has fixed 128/256 inputs). Default 640.
+    /// this side (RetinaFace; BlazeFace has fixed 128/256 inputs, SCRFD uses
+    /// `insightface_det_size`). Default 640.
     pub det_size: u32,
+    /// SCRFD input size for `detector = "insightface"` (a multiple of 32; LatentSync
+    /// uses 512). Default 512.
+    pub insightface_det_size: u32,
     /// RetinaFace only: detect every found face a second time in a 224x224 crop around it
     /// (about 125 px wide there), which makes the landmarks of small faces in large frames
     /// several times steadier, for about 25 % more detector time. Default true.
@@ -94,6 +98,7 @@ impl Default for FaceConfig {
             insightface_det_model: None,
             insightface_landmark_model: None,
             det_size: 640,
+            insightface_det_size: 512,
             refine_landmarks: true,
             batch_size: 8,
             queue_batches: 2,
