@@ -1,11 +1,16 @@
 //! The HTTP side of the gateway API: submit (JSON with URLs, or a multipart upload of two
-//! files), task, queue, cancel and output downloads.
+//! files), task, task list, queue, cancel and output downloads.
+//!
+//! Answers 429 (rate limited, tenant quota) and 503 (work queue full, NATS unavailable)
+//! are retried up to [`Client::with_retries`] times, waiting what the server's
+//! `Retry-After` says (capped at [`MAX_RETRY_WAIT`]), else an exponential backoff.
 //!
 //! Answers are kept as raw JSON next to the few typed fields the client acts on, so
 //! `--json` prints exactly what the server sent and newer servers' extra fields pass
 //! through.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use futures::TryStreamExt;
 use indicatif::ProgressBar;
@@ -53,7 +58,14 @@ pub struct Params {
     pub model: Option<String>,
     /// `Idempotency-Key` header.
     pub idempotency_key: Option<String>,
+    /// `webhook_url`: the server POSTs the signed final record there.
+    pub webhook_url: Option<String>,
 }
+
+/// Longest wait between two tries of a refused request, whatever `Retry-After` says.
+pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(120);
+/// Default number of retries of a 429/503 answer.
+pub const DEFAULT_RETRIES: u32 = 5;
 
 /// A task as the gateway shows it (`GET /task/{id}`, WebSocket messages).
 #[derive(Debug, Clone)]
@@ -130,6 +142,17 @@ pub struct Client {
     base: url::Url,
     http: reqwest::Client,
     api_key: Option<String>,
+    retries: u32,
+    on_retry: std::sync::Arc<dyn Fn(&str) + Send + Sync>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base.as_str())
+            .field("retries", &self.retries)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
@@ -166,7 +189,21 @@ impl Client {
             base,
             http,
             api_key,
+            retries: DEFAULT_RETRIES,
+            on_retry: std::sync::Arc::new(|msg| eprintln!("{msg}")),
         })
+    }
+
+    /// Retries of a request answered 429 or 503 (0: none).
+    pub fn with_retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// Where retry notices go (default: stderr).
+    pub fn on_retry(mut self, f: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.on_retry = std::sync::Arc::new(f);
+        self
     }
 
     /// The server's base URL.
@@ -194,16 +231,51 @@ impl Client {
         self_transport(self.base.as_str(), e)
     }
 
-    /// Sends a request and returns the JSON body of a 2xx answer, or the API error.
+    /// Sends a request and returns the JSON body of a 2xx answer, or the API error;
+    /// 429 and 503 are retried (the request must be clonable: no streaming body).
     async fn send_json(&self, req: reqwest::RequestBuilder) -> Result<Value> {
-        let resp = req.send().await.map_err(|e| self.transport(e))?;
-        let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| self.transport(e))?;
-        if !status.is_success() {
-            return Err(api_error(status.as_u16(), &body));
+        self.send_json_with(|| {
+            let r = req.try_clone().ok_or_else(|| {
+                ClientError::Protocol("internal: request body cannot be retried".into())
+            });
+            async move { r }
+        })
+        .await
+    }
+
+    /// Like [`Self::send_json`], building the request anew for every try (uploads).
+    async fn send_json_with<F, Fut>(&self, mut make: F) -> Result<Value>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<reqwest::RequestBuilder>>,
+    {
+        let mut attempt = 0u32;
+        loop {
+            let resp = make().await?.send().await.map_err(|e| self.transport(e))?;
+            let status = resp.status();
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_retry_after);
+            let body = resp.bytes().await.map_err(|e| self.transport(e))?;
+            if status.is_success() {
+                return serde_json::from_slice(&body)
+                    .map_err(|e| ClientError::Protocol(format!("answer is not JSON: {e}")));
+            }
+            let err = api_error(status.as_u16(), &body);
+            if !matches!(status.as_u16(), 429 | 503) || attempt >= self.retries {
+                return Err(err);
+            }
+            attempt += 1;
+            let wait = retry_wait(retry_after, attempt);
+            (self.on_retry)(&format!(
+                "server busy: {err}; retry {attempt}/{} in {:.0} s",
+                self.retries,
+                wait.as_secs_f64().ceil()
+            ));
+            tokio::time::sleep(wait).await;
         }
-        serde_json::from_slice(&body)
-            .map_err(|e| ClientError::Protocol(format!("answer is not JSON: {e}")))
     }
 
     /// `POST /sync`: JSON for two URLs, multipart for two files (uploaded streaming,
@@ -220,11 +292,40 @@ impl Client {
         params: &Params,
         upload_bar: &ProgressBar,
     ) -> Result<Value> {
+        if matches!(
+            (video, audio),
+            (Input::Url(_), Input::File(_)) | (Input::File(_), Input::Url(_))
+        ) {
+            return Err(ClientError::Usage(
+                "give two URLs (the server downloads them) or two files (uploaded); \
+                 mixing a URL and a file is not supported"
+                    .into(),
+            ));
+        }
+        let answer = self
+            .send_json_with(|| self.submit_request(video, audio, params, upload_bar))
+            .await?;
+        if answer.get("task_id").and_then(Value::as_str).is_none() {
+            return Err(ClientError::Protocol("submit answer has no task_id".into()));
+        }
+        Ok(answer)
+    }
+
+    /// One `POST /sync` request (built again for each retry: an upload restarts).
+    async fn submit_request(
+        &self,
+        video: &Input,
+        audio: &Input,
+        params: &Params,
+        upload_bar: &ProgressBar,
+    ) -> Result<reqwest::RequestBuilder> {
         let mut req = self.http.post(self.url("/sync")?);
         if let Some(k) = &params.idempotency_key {
             req = req.header("Idempotency-Key", k);
         }
-        let req = match (video, audio) {
+        upload_bar.set_position(0);
+        upload_bar.set_length(0);
+        Ok(match (video, audio) {
             (Input::Url(v), Input::Url(a)) => {
                 let mut body = serde_json::json!({"video_url": v, "audio_url": a});
                 let obj = body.as_object_mut().expect("object literal");
@@ -239,6 +340,9 @@ impl Client {
                 }
                 if let Some(m) = &params.model {
                     obj.insert("inference_ckpt_path".into(), m.clone().into());
+                }
+                if let Some(w) = &params.webhook_url {
+                    obj.insert("webhook_url".into(), w.clone().into());
                 }
                 req.json(&body)
             }
@@ -258,21 +362,13 @@ impl Client {
                 if let Some(m) = &params.model {
                     form = form.text("inference_ckpt_path", m.clone());
                 }
+                if let Some(w) = &params.webhook_url {
+                    form = form.text("webhook_url", w.clone());
+                }
                 req.multipart(form)
             }
-            _ => {
-                return Err(ClientError::Usage(
-                    "give two URLs (the server downloads them) or two files (uploaded); \
-                     mixing a URL and a file is not supported"
-                        .into(),
-                ));
-            }
-        };
-        let answer = self.send_json(req).await?;
-        if answer.get("task_id").and_then(Value::as_str).is_none() {
-            return Err(ClientError::Protocol("submit answer has no task_id".into()));
-        }
-        Ok(answer)
+            _ => unreachable!("mixed inputs are refused by submit"),
+        })
     }
 
     /// `GET /task/{id}`.
@@ -291,6 +387,45 @@ impl Client {
     pub async fn cancel(&self, id: &str) -> Result<Task> {
         let url = self.url(&format!("/task/{}", encode(id)))?;
         Task::from_value(self.send_json(self.http.delete(url)).await?)
+    }
+
+    /// `GET /tasks?limit=&cursor=`: one page of the caller's tasks, newest first.
+    /// Returns the tasks and the cursor of the next page (`None`: last page).
+    ///
+    /// # Errors
+    /// Transport errors, a bad cursor, an answer without `tasks`.
+    pub async fn list(
+        &self,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<Task>, Option<String>, Value)> {
+        let mut url = self.url("/tasks")?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(l) = limit {
+                q.append_pair("limit", &l.to_string());
+            }
+            if let Some(c) = cursor {
+                q.append_pair("cursor", c);
+            }
+        }
+        if url.query() == Some("") {
+            url.set_query(None);
+        }
+        let raw = self.send_json(self.http.get(url)).await?;
+        let tasks = raw
+            .get("tasks")
+            .and_then(Value::as_array)
+            .ok_or_else(|| ClientError::Protocol("task list has no `tasks` array".into()))?
+            .iter()
+            .cloned()
+            .map(Task::from_value)
+            .collect::<Result<Vec<_>>>()?;
+        let next = raw
+            .get("next_cursor")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        Ok((tasks, next, raw))
     }
 
     /// `GET /queue`.
@@ -387,6 +522,19 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// `Retry-After` in seconds (the gateway's form); an HTTP date is not parsed (`None`:
+/// the backoff applies).
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// The wait before retry `attempt` (1-based): the server's `Retry-After` if it sent one,
+/// else 1, 2, 4 ... s; never above [`MAX_RETRY_WAIT`].
+fn retry_wait(retry_after: Option<Duration>, attempt: u32) -> Duration {
+    let backoff = Duration::from_secs(1u64 << attempt.saturating_sub(1).min(6));
+    retry_after.unwrap_or(backoff).min(MAX_RETRY_WAIT)
 }
 
 fn self_transport(server: &str, source: reqwest::Error) -> ClientError {
@@ -498,6 +646,24 @@ mod tests {
         assert_eq!(e.to_string(), "no such task (not_found, HTTP 404)");
         let e = api_error(502, b"bad gateway");
         assert_eq!(e.to_string(), "bad gateway (http_error, HTTP 502)");
+    }
+
+    #[test]
+    fn retry_waits_follow_retry_after_or_back_off() {
+        assert_eq!(parse_retry_after(" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(
+            retry_wait(Some(Duration::from_secs(3)), 1),
+            Duration::from_secs(3)
+        );
+        assert_eq!(retry_wait(Some(Duration::from_secs(0)), 4), Duration::ZERO);
+        assert_eq!(
+            retry_wait(Some(Duration::from_secs(9999)), 1),
+            MAX_RETRY_WAIT
+        );
+        assert_eq!(retry_wait(None, 1), Duration::from_secs(1));
+        assert_eq!(retry_wait(None, 3), Duration::from_secs(4));
+        assert_eq!(retry_wait(None, 30), Duration::from_secs(64));
     }
 
     #[test]

@@ -1,13 +1,45 @@
 //! Errors of the client and the process exit codes they map to.
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success (with `--wait`: every task completed) |
+//! | 1 | a request failed (server unreachable, HTTP error, local I/O) |
+//! | 2 | invalid command line |
+//! | 3 | a task ended `failed` |
+//! | 4 | authentication failed (HTTP 401/403: missing or wrong API key) |
+//! | 5 | a task was cancelled (by `lipsync cancel`, another client or `--cancel-on-interrupt`) |
+//! | 6 | `--timeout` passed before the task(s) ended (they keep running) |
+//! | 130 | interrupted (Ctrl-C) while waiting: detached, the task(s) keep running |
 
-/// Exit code: success (for `submit --wait`: the task completed).
+/// Exit code: success (for `submit --wait`: every task completed).
 pub const EXIT_OK: i32 = 0;
 /// Exit code: a request failed (server unreachable, HTTP error, local I/O).
 pub const EXIT_ERROR: i32 = 1;
 /// Exit code: invalid command line (clap's own code).
 pub const EXIT_USAGE: i32 = 2;
-/// Exit code: the task ended `failed` (its error code is printed), or was cancelled.
+/// Exit code: a task ended `failed` (its error code is printed).
 pub const EXIT_TASK_FAILED: i32 = 3;
+/// Exit code: the server refused the API key (HTTP 401 or 403).
+pub const EXIT_AUTH: i32 = 4;
+/// Exit code: a task was cancelled.
+pub const EXIT_CANCELLED: i32 = 5;
+/// Exit code: `--timeout` passed while waiting; the tasks keep running on the server.
+pub const EXIT_TIMEOUT: i32 = 6;
+/// Exit code: Ctrl-C while waiting; the client detached and the tasks keep running.
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// The exit-code table for `--help`.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0    success (with --wait: every task completed)
+  1    a request failed (server unreachable, HTTP error, local I/O)
+  2    invalid command line
+  3    a task failed
+  4    authentication failed (HTTP 401/403: missing or wrong API key)
+  5    a task was cancelled
+  6    --timeout passed before the task(s) ended (they keep running)
+  130  Ctrl-C while waiting: detached (the task keeps running; the resume command is
+       printed), or cancelled with --cancel-on-interrupt (then 5)";
 
 /// Everything that can go wrong talking to the gateway.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +85,9 @@ impl ClientError {
     pub fn exit_code(&self) -> i32 {
         match self {
             ClientError::Usage(_) => EXIT_USAGE,
+            ClientError::Api {
+                status: 401 | 403, ..
+            } => EXIT_AUTH,
             ClientError::Api { .. }
             | ClientError::Transport { .. }
             | ClientError::Protocol(_)
@@ -70,3 +105,39 @@ impl ClientError {
 
 /// Result alias of this crate.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_failures_have_their_own_code() {
+        let api = |status| ClientError::Api {
+            status,
+            code: "x".into(),
+            message: "y".into(),
+        };
+        assert_eq!(api(401).exit_code(), EXIT_AUTH);
+        assert_eq!(api(403).exit_code(), EXIT_AUTH);
+        assert_eq!(api(404).exit_code(), EXIT_ERROR);
+        assert_eq!(ClientError::Usage("u".into()).exit_code(), EXIT_USAGE);
+        let codes = [
+            EXIT_OK,
+            EXIT_ERROR,
+            EXIT_USAGE,
+            EXIT_TASK_FAILED,
+            EXIT_AUTH,
+            EXIT_CANCELLED,
+            EXIT_TIMEOUT,
+            EXIT_INTERRUPTED,
+        ];
+        let distinct: std::collections::BTreeSet<_> = codes.iter().collect();
+        assert_eq!(distinct.len(), codes.len());
+        for c in codes {
+            assert!(
+                EXIT_CODES_HELP.contains(&format!("  {c} ")),
+                "{c} is documented"
+            );
+        }
+    }
+}

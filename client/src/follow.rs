@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -100,6 +100,8 @@ async fn follow_ws(
 /// server's message and an ETA. Hidden when stderr is not a terminal.
 pub struct Progress {
     bar: ProgressBar,
+    /// Shown before the stage (the short task id when several tasks are followed).
+    label: Option<String>,
     /// When progress first moved above zero, and from where (for the ETA).
     started: Option<(Instant, f64)>,
     last_warning_count: usize,
@@ -113,16 +115,37 @@ impl Progress {
         } else {
             ProgressBar::new(1000)
         };
+        Self::with_bar(bar, None)
+    }
+
+    /// One bar of several (one per task), labelled with `label`, drawn by `multi`.
+    pub fn in_multi(multi: &MultiProgress, quiet: bool, label: String) -> Self {
+        let bar = if quiet {
+            ProgressBar::hidden()
+        } else {
+            multi.add(ProgressBar::new(1000))
+        };
+        Self::with_bar(bar, Some(label))
+    }
+
+    fn with_bar(bar: ProgressBar, label: Option<String>) -> Self {
+        let template = if label.is_some() {
+            "{spinner} {prefix:<19} [{bar:24}] {percent:>3}% {elapsed_precise} {wide_msg}"
+        } else {
+            "{spinner} {prefix:<10} [{bar:30}] {percent:>3}% {elapsed_precise} {wide_msg}"
+        };
         bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} {prefix:<10} [{bar:30}] {percent:>3}% {elapsed_precise} {wide_msg}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template(template)
+                .expect("valid template")
+                .progress_chars("=> "),
         );
+        if let Some(l) = &label {
+            bar.set_prefix(l.clone());
+        }
         bar.enable_steady_tick(Duration::from_millis(200));
         Self {
             bar,
+            label,
             started: None,
             last_warning_count: 0,
         }
@@ -139,6 +162,10 @@ impl Progress {
         let prefix = match (v.status.as_str(), &v.stage) {
             ("processing", Some(stage)) => stage.clone(),
             (status, _) => status.to_owned(),
+        };
+        let prefix = match &self.label {
+            Some(l) => format!("{l} {prefix}"),
+            None => prefix,
         };
         self.bar.set_prefix(prefix);
         self.bar.set_position((p * 1000.0).round() as u64);
@@ -176,6 +203,12 @@ impl Progress {
     /// Removes the bar.
     pub fn finish(&self) {
         self.bar.finish_and_clear();
+    }
+
+    /// Stops the bar and leaves it drawn with `msg` (several tasks: the finished ones
+    /// stay visible above the running ones).
+    pub fn finish_with(&self, msg: String) {
+        self.bar.abandon_with_message(msg);
     }
 }
 
