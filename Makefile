@@ -12,7 +12,7 @@ ENV := . ./.local/env.sh &&
 CARGO_BUILD_FLAGS ?=
 NEXTEST_PROFILE ?= ci
 
-.PHONY: help setup build up test lint fmt bench models models-check clean distclean
+.PHONY: help setup build up test lint fmt bench models models-check gpu-check clean distclean
 
 help:
 	@echo "make setup      install system packages, .venv (nats-server, onnxruntime), .local/env.sh"
@@ -22,15 +22,19 @@ help:
 	@echo "make lint       fmt check + clippy (+ scripts/check_log_format.sh when present)"
 	@echo "make fmt        cargo fmt --all"
 	@echo "make bench      run every executable in bench/ (scripts/bench.sh)"
-	@echo "make models     models/make_models.sh: download LatentSync weights, export ONNX, lock file (needs the HF hub)"
+	@echo "make models     models/make_models.sh: download LatentSync weights (or CKPT_DIR), export ONNX + DeepCache graphs, lock file (python3 only, no Rust)"
 	@echo "make models-check  exporter check on the real architectures with random weights (no download)"
+	@echo "make gpu-check  stages/infer/gpu_check.sh: CUDA provider, ms per UNet step (exact/DeepCache, fp16/fp32), s per output second, VRAM"
 	@echo "make clean      cargo clean and local NATS data; make distclean also drops .venv and .local"
 
 setup:
 	@bash scripts/setup.sh
 
+# LIPSYNC_CARGO_FEATURES (written by setup into .local/env.sh where nvidia-smi reports a
+# GPU) builds infer and face with their `cuda` feature; CARGO_BUILD_FLAGS adds cargo flags
+# (e.g. CARGO_BUILD_FLAGS="--features lipsync-infer/tensorrt").
 build: setup
-	$(ENV) cargo build --release --workspace --bins $(CARGO_BUILD_FLAGS)
+	$(ENV) cargo build --release --workspace --bins $${LIPSYNC_CARGO_FEATURES:+--features "$$LIPSYNC_CARGO_FEATURES"} $(CARGO_BUILD_FLAGS)
 
 up: build
 	$(ENV) exec bash deploy/local/run.sh
@@ -46,6 +50,7 @@ lint: setup
 	$(ENV) cargo clippy --workspace --all-targets -- -D warnings
 	$(ENV) if [ -f scripts/check_log_format.sh ]; then bash scripts/check_log_format.sh; fi
 	$(ENV) bash scripts/lint-deploy.sh
+	$(ENV) bash scripts/lint-gpu.sh
 
 fmt: setup
 	$(ENV) cargo fmt --all
@@ -53,12 +58,15 @@ fmt: setup
 bench: setup
 	$(ENV) bash scripts/bench.sh
 
-models: setup
-	$(ENV) if [ -f models/make_models.sh ]; then bash models/make_models.sh; \
-	else echo "models/make_models.sh not present yet: nothing to do"; fi
+# No `setup` prerequisite: exporting needs python3 (its own venv), not the Rust toolchain.
+models:
+	bash models/make_models.sh
 
 models-check:
 	bash models/make_models.sh --random-weights
+
+gpu-check:
+	bash stages/infer/gpu_check.sh
 
 clean:
 	if command -v cargo >/dev/null 2>&1; then cargo clean; else rm -rf target; fi

@@ -7,11 +7,17 @@
 #
 # Environment:
 #   LATENTSYNC_PROFILE  latentsync-1.5 (default, 256 px) | latentsync-1.6 (512 px)
-#   PRECISION           fp32 (default) | fp16 (float32 at the boundary, Casts inside)
+#   PRECISION           auto (default: fp16 where nvidia-smi reports a GPU, the UNet's
+#                       speed format there; fp32 elsewhere, the CPU's) | fp32 | fp16
+#                       (float32 at the boundary, Casts inside)
 #   LATENTSYNC_SRC      an existing LatentSync checkout (default: clone LATENTSYNC_REPO at
 #                       LATENTSYNC_COMMIT into .local/LatentSync)
 #   OUT                 output folder (default models/generated/<profile>)
-#   CKPT_DIR            where checkpoints are downloaded (default .local/checkpoints/<profile>)
+#   CKPT_DIR            where checkpoints are downloaded (default .local/checkpoints/<profile>).
+#                       Without model-hub access, put the files there yourself:
+#                       latentsync_unet.pt, whisper/tiny.pt, sd-vae-ft-mse/config.json and
+#                       sd-vae-ft-mse/diffusion_pytorch_model.safetensors; nothing is
+#                       downloaded when all four are present.
 #   UNET_SHA256, WHISPER_SHA256, VAE_SHA256
 #                       expected sha256 of the checkpoints; when set, a mismatch aborts
 #   HF_ENDPOINT         Hugging Face mirror, as understood by huggingface_hub
@@ -25,7 +31,14 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 PROFILE="${LATENTSYNC_PROFILE:-latentsync-1.5}"
-PRECISION="${PRECISION:-fp32}"
+PRECISION="${PRECISION:-auto}"
+if [[ "$PRECISION" == auto ]]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+        PRECISION=fp16
+    else
+        PRECISION=fp32
+    fi
+fi
 LATENTSYNC_REPO="${LATENTSYNC_REPO:-https://github.com/bytedance/LatentSync.git}"
 LATENTSYNC_COMMIT="${LATENTSYNC_COMMIT:-a229c3948406bc2cf6eaf4873e662e70c6a04746}"  # checked here
 VENV="$ROOT/.venv-export"
@@ -43,7 +56,7 @@ while [[ $# -gt 0 ]]; do
         --profile) PROFILE="$2"; shift ;;
         --precision) PRECISION="$2"; shift ;;
         --out) OUT="$2"; shift ;;
-        -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) EXTRA+=("$1") ;;
     esac
     shift
@@ -97,8 +110,15 @@ fi
 # 3. checkpoints
 CKPT_DIR="${CKPT_DIR:-$ROOT/.local/checkpoints/$PROFILE}"
 mkdir -p "$CKPT_DIR"
+have_all=1
+for f in latentsync_unet.pt whisper/tiny.pt sd-vae-ft-mse/config.json sd-vae-ft-mse/diffusion_pytorch_model.safetensors; do
+    [[ -s "$CKPT_DIR/$f" ]] || have_all=0
+done
+if [[ "$have_all" == 1 ]]; then
+    say "using the checkpoints already in $CKPT_DIR (no download)"
+else
 say "downloading $HF_REPO (latentsync_unet.pt, whisper/tiny.pt) and stabilityai/sd-vae-ft-mse into $CKPT_DIR"
-"$PY" - "$HF_REPO" "$CKPT_DIR" <<'EOF' || die "download failed: does this machine reach huggingface.co (or HF_ENDPOINT)?"
+"$PY" - "$HF_REPO" "$CKPT_DIR" <<'EOF' || die "download failed: does this machine reach huggingface.co (or HF_ENDPOINT)? Without it, copy the four files into $CKPT_DIR (see the header of this script)"
 import sys
 from huggingface_hub import hf_hub_download
 repo, d = sys.argv[1], sys.argv[2]
@@ -108,6 +128,7 @@ for r, f in ((repo, "latentsync_unet.pt"), (repo, "whisper/tiny.pt"),
     sub = "sd-vae-ft-mse" if r.startswith("stabilityai/") else ""
     print(hf_hub_download(r, f, local_dir=f"{d}/{sub}" if sub else d))
 EOF
+fi
 UNET="$CKPT_DIR/latentsync_unet.pt"
 WHISPER="$CKPT_DIR/whisper/tiny.pt"
 VAE="$CKPT_DIR/sd-vae-ft-mse/diffusion_pytorch_model.safetensors"

@@ -10,10 +10,19 @@
 #   3. The project venv .venv with scripts/requirements-dev.txt and
 #      models/requirements.txt (if present); pip is skipped while a stamp keyed
 #      on the hash of those files matches.
-#   4. .local/env.sh, sourced by every Make target and by deploy/local/run.sh.
+#   3b. Where `nvidia-smi` reports a GPU: onnxruntime-gpu and the CUDA 13 / cuDNN 9
+#      runtime wheels its metadata names (+ cuBLAS, which its CUDA provider links) into
+#      .venv/ort-gpu (a folder of its own: the wheel's `onnxruntime` package would
+#      overwrite the CPU one the model tools import). Builds then use the `cuda` feature
+#      of infer and face (LIPSYNC_CARGO_FEATURES in .local/env.sh).
+#   4. .local/env.sh, sourced by every Make target and by deploy/local/run.sh. A user's
+#      own ORT_DYLIB_PATH, set when env.sh is sourced, wins over the one it names.
 #   5. Checks the result and fails loudly if anything is missing.
 #
 # LIPSYNC_SETUP_VERBOSE=1 shows apt-get/pip output (otherwise it goes to .local/log/).
+# LIPSYNC_GPU=0 skips the GPU runtime, =1 installs it without asking nvidia-smi.
+# LIPSYNC_GPU_WHEELS=DIR installs it from a folder of wheels (no index), e.g. on a machine
+# that reaches no package registry (see README, "Real weights on a GPU").
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -172,6 +181,39 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$req_hash" || ! -x "$VENV/bin/nats-serve
 fi
 
 # --------------------------------------------------------------------------
+# 3b. GPU runtime (onnxruntime-gpu), only where there is an NVIDIA GPU
+# --------------------------------------------------------------------------
+# deploy/compose/onnxruntime-gpu.metadata records this wheel's requirements; `make lint`
+# checks these pins and the CUDA image against it.
+ORT_GPU_VERSION=1.31.1
+ORT_GPU_REQS=("onnxruntime-gpu[cuda,cudnn]==$ORT_GPU_VERSION" "nvidia-cublas~=13.0")
+GPU_DIR="$VENV/ort-gpu"
+gpu=0
+case "${LIPSYNC_GPU:-auto}" in
+    0 | off | no) ;;
+    1 | on | yes) gpu=1 ;;
+    *) if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then gpu=1; fi ;;
+esac
+if [[ "$gpu" == 1 ]]; then
+    gpu_stamp="$GPU_DIR/.lipsync-gpu"
+    if [[ "$(cat "$gpu_stamp" 2>/dev/null)" != "${ORT_GPU_REQS[*]}" ]]; then
+        say "NVIDIA GPU found: installing ${ORT_GPU_REQS[*]} into $GPU_DIR (about 1.5 GB)"
+        rm -rf "$GPU_DIR"
+        pip_src=()
+        [[ -n "${LIPSYNC_GPU_WHEELS:-}" ]] && pip_src=(--no-index --find-links "$LIPSYNC_GPU_WHEELS")
+        PIP_DISABLE_PIP_VERSION_CHECK=1 run_logged pip-gpu \
+            "$VENV/bin/python" -m pip install --no-input -q --target "$GPU_DIR" "${pip_src[@]}" "${ORT_GPU_REQS[@]}"
+        printf '%s\n' "${ORT_GPU_REQS[*]}" >"$gpu_stamp"
+    fi
+fi
+gpu_ort=""
+gpu_ld=""
+if [[ "$gpu" == 1 ]]; then
+    gpu_ort="$GPU_DIR/onnxruntime/capi/libonnxruntime.so.$ORT_GPU_VERSION"
+    for d in "$GPU_DIR"/nvidia/*/lib; do [[ -d "$d" ]] && gpu_ld="${gpu_ld:+$gpu_ld:}$d"; done
+fi
+
+# --------------------------------------------------------------------------
 # 4. .local/env.sh
 # --------------------------------------------------------------------------
 ort_lib="$(find_ort)"
@@ -192,10 +234,26 @@ case ":\$PATH:" in
     $(q ":$VENV/bin:$LOCAL/bin:")*) ;;
     *) PATH=$(q "$VENV/bin:$LOCAL/bin:")"\$PATH"; export PATH ;;
 esac
-export ORT_DYLIB_PATH=$(q "$ort_lib")
 export LIPSYNC_NATS_SERVER_BIN=$(q "$nats_bin")
 export LIPSYNC_PYTHON=$(q "$py_bin")
 EOF
+if [[ -n "$gpu_ort" ]]; then
+    cat >>"$env_tmp" <<EOF
+# NVIDIA GPU: onnxruntime-gpu (CUDA provider) and its CUDA/cuDNN libraries; builds use CUDA.
+[ -n "\${ORT_DYLIB_PATH:-}" ] || ORT_DYLIB_PATH=$(q "$gpu_ort"); export ORT_DYLIB_PATH
+case ":\${LD_LIBRARY_PATH:-}:" in
+    *$(q ":$gpu_ld:")*) ;;
+    *) LD_LIBRARY_PATH=$(q "$gpu_ld")"\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"; export LD_LIBRARY_PATH ;;
+esac
+export LIPSYNC_CARGO_FEATURES='lipsync-infer/cuda lipsync-face/cuda'
+export LIPSYNC_GPU_ORT=$(q "$gpu_ort")
+EOF
+else
+    cat >>"$env_tmp" <<EOF
+# No NVIDIA GPU: the CPU ONNX Runtime (a user's own ORT_DYLIB_PATH wins).
+[ -n "\${ORT_DYLIB_PATH:-}" ] || ORT_DYLIB_PATH=$(q "$ort_lib"); export ORT_DYLIB_PATH
+EOF
+fi
 if cmp -s "$env_tmp" "$env_file"; then
     rm -f "$env_tmp"
 else
@@ -224,6 +282,9 @@ elif [[ "$ort_lib" != *".so.$want_ort" ]]; then
     problems+=("ONNX Runtime library is $ort_lib, expected version $want_ort")
 fi
 [[ -x "$py_bin" ]] || problems+=("$py_bin missing")
+if [[ -n "$gpu_ort" && ! -f "$gpu_ort" ]]; then
+    problems+=("onnxruntime-gpu library $gpu_ort missing (rm -rf $GPU_DIR and re-run, or LIPSYNC_GPU=0)")
+fi
 
 if ((${#problems[@]})); then
     for p in "${problems[@]}"; do say "ERROR: $p"; done
