@@ -9,13 +9,13 @@ mod work;
 
 pub use error::{ErrorCode, TaskError};
 pub use task::{
-    InputSource, JoinState, MediaSummary, ProgressEvent, StageTiming, Status, TASK_RECORD_VERSION,
-    TaskRecord, TaskRequest,
+    InputSource, JoinState, MediaSummary, NextWork, ProgressEvent, StageDone, StageTiming, Status,
+    TASK_RECORD_VERSION, TaskRecord, TaskRequest,
 };
 pub use track::{FACE_TRACK_VERSION, FaceFrame, FaceTrack};
 pub use work::{
-    AudioJob, DecodeError, FaceJob, FetchJob, InferJob, MIN_WORK_VERSION, MuxJob, WORK_VERSION,
-    WorkItem, decode,
+    AudioJob, DecodeError, FaceJob, FetchJob, InferJob, LengthMode, MIN_WORK_VERSION, MuxJob,
+    WORK_VERSION, WorkItem, decode, salvage_task_id,
 };
 
 use serde::{Deserialize, Serialize};

@@ -15,6 +15,14 @@ pub const TASKS_BUCKET: &str = "lipsync_tasks";
 pub const IDEMPOTENCY_BUCKET: &str = "lipsync_idempotency";
 /// Object store bucket holding inputs, intermediates and outputs, keys `<task_id>/<name>`.
 pub const ARTIFACTS_BUCKET: &str = "lipsync_artifacts";
+/// Stream that keeps JetStream's max-deliveries advisories of the work consumers, so a
+/// job whose every delivery crashed is failed even if no process was alive to hear it.
+pub const ADVISORY_STREAM: &str = "LIPSYNC_ADVISORIES";
+/// Subjects of those advisories (one per work consumer).
+pub const MAX_DELIVERIES_ADVISORIES: &str =
+    "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.LIPSYNC_WORK.*";
+/// Durable consumer of [`ADVISORY_STREAM`] shared by every stage process.
+pub const REAPER_CONSUMER: &str = "reaper";
 /// Header carrying the work-item schema version.
 pub const SCHEMA_VERSION_HEADER: &str = "Lipsync-Schema";
 
@@ -37,6 +45,13 @@ pub fn msg_id(task_id: &str, stage: Stage) -> String {
 /// Artifact key of a task's named object: `<task_id>/<name>`.
 pub fn artifact_key(task_id: &str, name: &str) -> String {
     format!("{task_id}/{name}")
+}
+
+/// Artifact key of an intermediate written by one delivery attempt of a stage:
+/// `<task_id>/<stage>-<attempt>/<name>`. A later attempt never overwrites what an earlier
+/// one handed on, so a stage reading it can never see it change.
+pub fn attempt_key(task_id: &str, stage: Stage, attempt: u32, name: &str) -> String {
+    format!("{task_id}/{}-{attempt}/{name}", stage.as_str())
 }
 
 /// Well-known artifact names.

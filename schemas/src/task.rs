@@ -83,6 +83,47 @@ pub struct StageTiming {
     /// Delivery attempts the stage needed.
     #[serde(default)]
     pub attempts: u32,
+    /// Stream sequence of the work message that owns this stage's run; a second message
+    /// for the same stage (a re-publish after the duplicate window) is recognised by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_seq: Option<u64>,
+    /// Set once the stage is done: what it produced and what it handed on. Written before
+    /// the next work is published, so a redelivery re-publishes instead of running again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done: Option<StageDone>,
+}
+
+/// What a finished stage produced (artifact keys by name) and the work it handed on.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageDone {
+    /// Artifact keys by well-known name (`names::artifact`).
+    #[serde(default)]
+    pub outputs: BTreeMap<String, String>,
+    /// The work items published after this stage, in order.
+    #[serde(default)]
+    pub next: Vec<NextWork>,
+}
+
+/// One stored work item: its stage, version and JSON body (re-published as it is).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NextWork {
+    /// The stage whose queue takes it.
+    pub stage: Stage,
+    /// Work-item version.
+    pub version: u32,
+    /// The item as JSON.
+    pub body: serde_json::Value,
+}
+
+impl NextWork {
+    /// Store a work item.
+    pub fn of<W: crate::WorkItem>(item: &W) -> Self {
+        Self {
+            stage: W::STAGE,
+            version: item.version(),
+            body: serde_json::to_value(item).expect("work items serialise"),
+        }
+    }
 }
 
 /// What the fetch stage learned about the inputs.
@@ -178,6 +219,10 @@ pub struct TaskRecord {
     /// Notices for the client (e.g. a test model is in use).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Tenant that submitted the task (API key tenant); `None` when the gateway has no
+    /// keys configured (open service) or for records written before tenants existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 fn default_version() -> u32 {
@@ -185,6 +230,24 @@ fn default_version() -> u32 {
 }
 
 impl TaskRecord {
+    /// The artifact key a finished stage recorded under `name`.
+    pub fn output_of(&self, stage: Stage, name: &str) -> Option<&str> {
+        self.stages
+            .get(stage.as_str())?
+            .done
+            .as_ref()?
+            .outputs
+            .get(name)
+            .map(String::as_str)
+    }
+
+    /// Whether `stage` recorded itself done.
+    pub fn stage_done(&self, stage: Stage) -> bool {
+        self.stages
+            .get(stage.as_str())
+            .is_some_and(|t| t.done.is_some())
+    }
+
     /// A fresh `queued` record.
     pub fn new(task_id: String, request: TaskRequest, now_epoch: f64, now_rfc3339: String) -> Self {
         Self {
@@ -210,6 +273,7 @@ impl TaskRecord {
             media: None,
             artifacts: Vec::new(),
             warnings: Vec::new(),
+            owner: None,
         }
     }
 

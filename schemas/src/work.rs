@@ -89,14 +89,33 @@ pub struct MuxJob {
     /// Number of output frames (the crops artifact has exactly this many).
     #[serde(default)]
     pub output_frames: u64,
-    /// How output frames map to video frames: `pingpong`, `loop` or `cut`
-    /// (the runtime's `media::frame_map`).
-    #[serde(default = "pingpong")]
-    pub length_mode: String,
+    /// How output frames map to video frames (the runtime's `media::frame_map`).
+    #[serde(default)]
+    pub length_mode: LengthMode,
 }
 
-fn pingpong() -> String {
-    "pingpong".to_owned()
+/// How the video is fitted to the audio length. Wire words `pingpong`, `loop`, `cut`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LengthMode {
+    /// Forward, backward, forward, ... (the reference's behaviour).
+    #[default]
+    Pingpong,
+    /// Forward, forward, ...
+    Loop,
+    /// Never repeat: the output is cut to the shorter of video and audio.
+    Cut,
+}
+
+impl LengthMode {
+    /// The wire word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LengthMode::Pingpong => "pingpong",
+            LengthMode::Loop => "loop",
+            LengthMode::Cut => "cut",
+        }
+    }
 }
 
 /// Implemented by every work item: which stage consumes it and which task it serves.
@@ -151,6 +170,22 @@ impl std::fmt::Display for DecodeError {
 }
 
 impl std::error::Error for DecodeError {}
+
+/// The task id of a work message that does not decode as its item, if the body is JSON
+/// with a plausible `task_id` string (so its task can be failed instead of lost).
+pub fn salvage_task_id(bytes: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Loose {
+        task_id: String,
+    }
+    let l: Loose = serde_json::from_slice(bytes).ok()?;
+    let ok = !l.task_id.is_empty()
+        && l.task_id.len() <= 128
+        && l.task_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    ok.then_some(l.task_id)
+}
 
 /// Parse a work item and check its version.
 pub fn decode<T: WorkItem>(bytes: &[u8]) -> Result<T, DecodeError> {

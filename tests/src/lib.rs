@@ -186,7 +186,7 @@ pub async fn topology(cfg: &lipsync_runtime::Config) -> Result<lipsync_runtime::
     let client = lipsync_runtime::nats::connect(&cfg.nats, "test").await?;
     let js = async_nats::jetstream::new(client);
     let (topo, _) =
-        lipsync_runtime::nats::bootstrap(&js, &cfg.nats, &cfg.tasks, &cfg.artifacts, None).await?;
+        lipsync_runtime::nats::bootstrap(&js, &cfg.nats, &cfg.tasks, &cfg.artifacts).await?;
     Ok(topo)
 }
 
@@ -207,4 +207,40 @@ pub fn new_record(task_id: &str) -> lipsync_schemas::TaskRecord {
         epoch,
         rfc,
     )
+}
+
+/// Mark `stage` of `rec` done as the runner records it, with its output `name` under
+/// the plain key `<task>/<name>`, and fetch done with the video, so that a test can start
+/// a task in the middle (say, audio done, face next).
+pub fn set_done(rec: &mut lipsync_schemas::TaskRecord, stage: lipsync_schemas::Stage, name: &str) {
+    use lipsync_schemas::{Stage, StageDone, names};
+    let tid = rec.task_id.clone();
+    for (s, n) in [(Stage::Fetch, names::artifact::VIDEO), (stage, name)] {
+        let t = rec.stages.entry(s.as_str().to_owned()).or_default();
+        let done = t.done.get_or_insert_with(StageDone::default);
+        done.outputs
+            .insert(n.to_owned(), names::artifact_key(&tid, n));
+    }
+    match stage {
+        Stage::Face => rec.join.face_done = true,
+        Stage::Audio => rec.join.audio_done = true,
+        _ => {}
+    }
+}
+
+/// The artifact key a finished stage of task `tid` recorded for `name`.
+pub async fn output_key(
+    store: &lipsync_runtime::tasks::TaskStore,
+    tid: &str,
+    stage: lipsync_schemas::Stage,
+    name: &str,
+) -> String {
+    let (rec, _) = store
+        .get(tid)
+        .await
+        .expect("task store")
+        .expect("task record");
+    rec.output_of(stage, name)
+        .unwrap_or_else(|| panic!("{stage} of {tid} recorded no {name}: {:?}", rec.stages))
+        .to_owned()
 }

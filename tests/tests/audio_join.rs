@@ -1,7 +1,7 @@
 //! The face/audio join under a race: face and audio finishing at the same moment must
 //! yield exactly one inference job per task. Two stage runners (face and audio) run
-//! in-process with test handlers that meet at a per-task barrier and then call
-//! `join::complete_part` together; the inference queue is read back afterwards.
+//! in-process with test handlers that meet at a per-task barrier and then return their
+//! join outcome together; the inference queue is read back afterwards.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,17 +9,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use lipsync_runtime::tasks::TaskStore;
-use lipsync_runtime::{Handler, JobCtx, JobError, StageSpec};
-use lipsync_schemas::{AudioJob, FaceJob, InferJob, Stage, WORK_VERSION, names};
+use lipsync_runtime::{Change, Handler, JobCtx, JobError, Outcome, StageSpec};
+use lipsync_schemas::{AudioJob, FaceJob, InferJob, Stage, StageDone, WORK_VERSION, names};
 use lipsync_tests::{NatsServer, new_record, topology, wait_for};
 use tokio::sync::Barrier;
 use tokio_util::sync::CancellationToken;
 
-/// Per-task barriers and who published.
+/// Per-task barriers.
 #[derive(Default)]
 struct Meeting {
     barriers: Mutex<HashMap<String, Arc<Barrier>>>,
-    published: Mutex<Vec<(String, Stage)>>,
 }
 
 impl Meeting {
@@ -32,15 +31,13 @@ impl Meeting {
             .clone()
     }
 
-    async fn complete(&self, ctx: &JobCtx, part: Stage) -> Result<(), JobError> {
+    async fn complete(&self, ctx: &JobCtx, part: Stage) -> Result<Outcome, JobError> {
         self.barrier(&ctx.task_id).wait().await;
-        if lipsync_runtime::join::complete_part(ctx, part).await? {
-            self.published
-                .lock()
-                .unwrap()
-                .push((ctx.task_id.clone(), part));
-        }
-        Ok(())
+        let name = match part {
+            Stage::Face => names::artifact::FACE_TRACK,
+            _ => names::artifact::AUDIO_FEATURES,
+        };
+        Ok(Outcome::join([(name, ctx.artifact_key(name))]))
     }
 }
 
@@ -50,7 +47,7 @@ struct FakeAudio(Arc<Meeting>);
 #[async_trait]
 impl Handler for FakeFace {
     type Job = FaceJob;
-    async fn handle(&self, ctx: JobCtx, _job: FaceJob) -> Result<(), JobError> {
+    async fn handle(&self, ctx: JobCtx, _job: FaceJob) -> Result<Outcome, JobError> {
         self.0.complete(&ctx, Stage::Face).await
     }
 }
@@ -58,7 +55,7 @@ impl Handler for FakeFace {
 #[async_trait]
 impl Handler for FakeAudio {
     type Job = AudioJob;
-    async fn handle(&self, ctx: JobCtx, _job: AudioJob) -> Result<(), JobError> {
+    async fn handle(&self, ctx: JobCtx, _job: AudioJob) -> Result<Outcome, JobError> {
         self.0.complete(&ctx, Stage::Audio).await
     }
 }
@@ -81,7 +78,6 @@ fn spec(name: &'static str, concurrency: usize) -> StageSpec {
         name,
         listen: "127.0.0.1:0".parse().unwrap(),
         concurrency,
-        max_ack_pending: 64,
     }
 }
 
@@ -116,6 +112,21 @@ async fn simultaneous_face_and_audio_publish_one_infer_job() {
     for _ in 0..tasks {
         let tid = uuid::Uuid::new_v4().to_string();
         store.create(&new_record(&tid)).await.unwrap();
+        // Fetch is done: its video is what the inference job will name.
+        store
+            .update(&tid, |r| {
+                r.stages.entry("fetch".into()).or_default().done = Some(StageDone {
+                    outputs: [(
+                        names::artifact::VIDEO.to_owned(),
+                        names::artifact_key(&tid, names::artifact::VIDEO),
+                    )]
+                    .into(),
+                    next: Vec::new(),
+                });
+                Change::Write
+            })
+            .await
+            .unwrap();
         let face_job = FaceJob {
             v: WORK_VERSION,
             task_id: tid.clone(),
@@ -150,13 +161,7 @@ async fn simultaneous_face_and_audio_publish_one_infer_job() {
         .unwrap();
     }
 
-    // Exactly one complete_part call per task saw both parts done (the CAS), and the
-    // queue holds exactly one inference job per task.
-    let published = meeting.published.lock().unwrap().clone();
-    for tid in &ids {
-        let n = published.iter().filter(|(t, _)| t == tid).count();
-        assert_eq!(n, 1, "task {tid}: {n} publishers");
-    }
+    // The queue holds exactly one inference job per task, naming both parts' outputs.
     let jobs = infer_jobs(&topo.js).await;
     assert_eq!(jobs.len(), ids.len());
     for tid in &ids {
@@ -165,7 +170,11 @@ async fn simultaneous_face_and_audio_publish_one_infer_job() {
         let job = jobs.iter().find(|j| &j.task_id == tid).unwrap();
         assert_eq!(
             job.audio_features,
-            names::artifact_key(tid, names::artifact::AUDIO_FEATURES)
+            names::attempt_key(tid, Stage::Audio, 1, names::artifact::AUDIO_FEATURES)
+        );
+        assert_eq!(
+            job.face_track,
+            names::attempt_key(tid, Stage::Face, 1, names::artifact::FACE_TRACK)
         );
     }
     // Both orders of finishing happened at least once across the tasks is likely but

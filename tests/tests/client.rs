@@ -187,8 +187,8 @@ async fn usage_and_api_errors_are_typed() {
 
 /// Drives the record of `id` like the pipeline would, then completes it with a result.
 async fn fake_pipeline(env: &Env, id: &str, result: &[u8]) {
-    env.tasks.mark_started(id, Stage::Fetch, 1).await.unwrap();
-    env.tasks.mark_started(id, Stage::Infer, 1).await.unwrap();
+    env.tasks.mark_started(id, Stage::Fetch, 1, 0).await.unwrap();
+    env.tasks.mark_started(id, Stage::Infer, 1, 0).await.unwrap();
     env.tasks
         .progress(id, Stage::Infer, 0.5, "infer: step 10/20")
         .await
@@ -298,7 +298,7 @@ async fn wait_reports_a_failed_task() {
         let code = lipsync_client::run(Cli::try_from_args(argv).unwrap(), &mut buf).await;
         (code, String::from_utf8(buf).unwrap())
     });
-    env.tasks.mark_started(&id, Stage::Face, 1).await.unwrap();
+    env.tasks.mark_started(&id, Stage::Face, 1, 0).await.unwrap();
     env.tasks
         .fail(
             &id,

@@ -12,7 +12,7 @@ use lipsync_infer::synthetic;
 use lipsync_runtime::features::AudioFeatures;
 use lipsync_runtime::tasks::TaskStore;
 use lipsync_runtime::{ArtifactStore, NatsArtifacts, StageServer};
-use lipsync_schemas::{FaceTrack, MuxJob, Status, TaskRecord, names};
+use lipsync_schemas::{FaceTrack, MuxJob, Stage, Status, TaskRecord, names};
 use lipsync_tests::{NatsServer, new_record, topology, wait_for, workspace_root};
 use tokio_util::sync::CancellationToken;
 
@@ -141,7 +141,11 @@ impl Env {
     async fn crops(&self, tid: &str) -> Vec<u8> {
         let file = self._dir.path().join(format!("{tid}.mkv"));
         self.artifacts
-            .get_to_file(&names::artifact_key(tid, names::artifact::CROPS), &file)
+            .get_to_file(
+                &lipsync_tests::output_key(&self.store, tid, Stage::Infer, names::artifact::CROPS)
+                    .await,
+                &file,
+            )
             .await
             .unwrap();
         let out = Command::new("ffmpeg")
@@ -230,8 +234,11 @@ async fn runs_a_task_to_mux_with_progress_per_step() {
     let mux = &jobs[0];
     assert_eq!(mux.task_id, tid);
     assert_eq!(mux.output_frames, 40);
-    assert_eq!(mux.length_mode, "pingpong");
-    assert_eq!(mux.crops, names::artifact_key(&tid, names::artifact::CROPS));
+    assert_eq!(mux.length_mode, lipsync_schemas::LengthMode::Pingpong);
+    assert_eq!(
+        mux.crops,
+        names::attempt_key(&tid, Stage::Infer, 1, names::artifact::CROPS)
+    );
     assert_eq!(mux.video, job.video);
     assert_eq!(
         mux.audio_16k,
@@ -283,7 +290,7 @@ async fn cancellation_stops_the_job() {
     let long_rec = e.store.get(&long).await.unwrap().unwrap().0;
     assert_eq!(long_rec.status, Status::Failed);
     assert!(long_rec.progress < 0.5, "{}", long_rec.progress);
-    let crops = names::artifact_key(&long, names::artifact::CROPS);
+    let crops = names::attempt_key(&long, Stage::Infer, 1, names::artifact::CROPS);
     assert!(e.artifacts.info(&crops).await.unwrap().is_none());
     let jobs = e.mux_jobs().await;
     assert_eq!(jobs.len(), 1, "only the short task reached mux");

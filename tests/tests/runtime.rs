@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use lipsync_runtime::tasks::TaskStore;
 use lipsync_runtime::{
-    ArtifactStore, Change, Handler, JobCtx, JobError, NatsArtifacts, StageSpec, Updated,
+    ArtifactStore, Change, Handler, JobCtx, JobError, NatsArtifacts, Outcome, StageSpec, Updated,
 };
 use lipsync_schemas::{ErrorCode, FaceJob, Stage, Status, names};
 use lipsync_tests::{NatsServer, new_record, topology, wait_for};
@@ -28,20 +28,16 @@ async fn bootstrap_is_idempotent_and_reports_changes() {
     let run = |cfg: lipsync_runtime::Config| {
         let js = js.clone();
         async move {
-            lipsync_runtime::nats::bootstrap(
-                &js,
-                &cfg.nats,
-                &cfg.tasks,
-                &cfg.artifacts,
-                Some((Stage::Face, 7)),
-            )
-            .await
-            .unwrap()
-            .1
+            lipsync_runtime::nats::bootstrap(&js, &cfg.nats, &cfg.tasks, &cfg.artifacts)
+                .await
+                .unwrap()
+                .1
         }
     };
+    cfg.nats.face_max_in_flight = 7;
     let first = run(cfg.clone()).await;
-    assert_eq!(first.created.len(), 5, "{first:?}");
+    // Work stream, 5 consumers, advisory stream + reaper, 2 KV buckets, object store.
+    assert_eq!(first.created.len(), 11, "{first:?}");
     let mut stream = js.get_stream(names::WORK_STREAM).await.unwrap();
     let created_at = stream.info().await.unwrap().created;
 
@@ -50,16 +46,37 @@ async fn bootstrap_is_idempotent_and_reports_changes() {
     let mut stream = js.get_stream(names::WORK_STREAM).await.unwrap();
     assert_eq!(stream.info().await.unwrap().created, created_at);
 
+    // A replica with other local settings reports the difference and changes nothing,
+    // so replicas never flip-flop the shared consumers.
+    let mut other = cfg.clone();
+    other.nats.max_queued_jobs = 42;
+    other.nats.face_max_in_flight = 1;
+    let differs = run(other).await;
+    assert!(differs.is_noop(), "{differs:?}");
+    assert_eq!(differs.differs.len(), 2, "{differs:?}");
+    let stream = js.get_stream(names::WORK_STREAM).await.unwrap();
+    let info = stream.consumer_info("face").await.unwrap();
+    assert_eq!(info.config.max_ack_pending, 7);
+
+    // The one process that applies the topology changes it.
+    cfg.nats.apply_topology = true;
     cfg.nats.max_queued_jobs = 42;
     cfg.nats.max_deliver = 9;
     let third = run(cfg.clone()).await;
     assert!(third.created.is_empty());
-    assert_eq!(third.updated.len(), 2, "{third:?}");
+    // The stream's limit and every consumer's max_deliver.
+    assert_eq!(third.updated.len(), 6, "{third:?}");
     let mut stream = js.get_stream(names::WORK_STREAM).await.unwrap();
-    assert_eq!(stream.info().await.unwrap().config.max_messages, 42);
+    assert_eq!(
+        stream.info().await.unwrap().config.max_messages,
+        42 * 3 + 64,
+        "admission limit plus room for the hand-offs"
+    );
     let info = stream.consumer_info("face").await.unwrap();
     assert_eq!(info.config.max_deliver, 9);
     assert_eq!(info.config.max_ack_pending, 7);
+    let info = stream.consumer_info("infer").await.unwrap();
+    assert_eq!(info.config.max_ack_pending, cfg.nats.infer_max_in_flight);
     assert!(run(cfg).await.is_noop());
 }
 
@@ -105,7 +122,7 @@ async fn task_updates_are_compare_and_set() {
         )
         .await
         .unwrap();
-    let after = store.mark_started(&tid, Stage::Infer, 2).await.unwrap();
+    let after = store.mark_started(&tid, Stage::Infer, 2, 0).await.unwrap();
     let rec = after.record().unwrap();
     assert_eq!(rec.status, Status::Failed);
     assert!(!rec.stages.contains_key("infer"));
@@ -218,7 +235,7 @@ fn behaviour(seed: Option<u64>) -> Behaviour {
 #[async_trait]
 impl Handler for TestHandler {
     type Job = FaceJob;
-    async fn handle(&self, ctx: JobCtx, _job: FaceJob) -> Result<(), JobError> {
+    async fn handle(&self, ctx: JobCtx, _job: FaceJob) -> Result<Outcome, JobError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_running.fetch_max(now, Ordering::SeqCst);
@@ -249,7 +266,7 @@ impl Handler for TestHandler {
         }
         .await;
         self.running.fetch_sub(1, Ordering::SeqCst);
-        res
+        res.map(|()| Outcome::join([]))
     }
 }
 
@@ -289,7 +306,6 @@ impl Harness {
                 name: "test-face",
                 listen: "127.0.0.1:0".parse().unwrap(),
                 concurrency,
-                max_ack_pending: 100,
             },
             TestHandler {
                 calls: self.calls.clone(),

@@ -1,6 +1,5 @@
 //! Errors of the audio stage and their task error codes.
 
-use lipsync_runtime::JobError;
 use lipsync_schemas::ErrorCode;
 
 /// What can go wrong turning audio into features.
@@ -47,14 +46,17 @@ impl Error {
             Error::Io(_) | Error::Stopped => ErrorCode::Internal,
         }
     }
+}
 
-    /// Maps to the runner's error: local I/O is worth another delivery, bad media and
-    /// model failures are not.
-    pub fn into_job_error(self) -> JobError {
-        match self {
-            Error::Io(e) => JobError::transient(format!("audio i/o: {e}")),
-            Error::Stopped => JobError::Interrupted,
-            other => JobError::permanent(other.code(), other.to_string()),
-        }
+impl lipsync_runtime::StageError for Error {
+    fn code(&self) -> ErrorCode {
+        Error::code(self)
+    }
+    /// Local I/O is worth another delivery; bad media and model failures are not.
+    fn retryable(&self) -> bool {
+        matches!(self, Error::Io(_))
+    }
+    fn stopped(&self) -> bool {
+        matches!(self, Error::Stopped)
     }
 }

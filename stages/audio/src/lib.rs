@@ -41,7 +41,6 @@ pub fn build(cfg: &Config) -> anyhow::Result<AudioStage> {
         &model,
         settings,
         cfg.audio.concurrency,
-        cfg.artifacts.scratch_dir.clone(),
         profile.warning(),
     )?)
 }
@@ -61,7 +60,6 @@ pub async fn start(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<
             name: "lipsync-audio",
             listen: cfg.audio.listen,
             concurrency: cfg.audio.concurrency,
-            max_ack_pending: (cfg.audio.concurrency as i64 * 16).max(64),
         },
         handler,
         shutdown,

@@ -58,7 +58,9 @@ impl Env {
     async fn submit(&self, wav: &Path, face_done: bool) -> String {
         let tid = uuid::Uuid::new_v4().to_string();
         let mut rec = new_record(&tid);
-        rec.join.face_done = face_done;
+        if face_done {
+            lipsync_tests::set_done(&mut rec, Stage::Face, names::artifact::FACE_TRACK);
+        }
         self.store.create(&rec).await.unwrap();
         let key = names::artifact_key(&tid, names::artifact::AUDIO_16K);
         self.artifacts.put_file(&key, wav).await.unwrap();
@@ -89,7 +91,13 @@ impl Env {
     }
 
     async fn features(&self, tid: &str) -> AudioFeatures {
-        let key = names::artifact_key(tid, names::artifact::AUDIO_FEATURES);
+        let key = lipsync_tests::output_key(
+            &self.store,
+            tid,
+            Stage::Audio,
+            names::artifact::AUDIO_FEATURES,
+        )
+        .await;
         let mut r = self.artifacts.get(&key).await.unwrap();
         let mut bytes = Vec::new();
         r.read_to_end(&mut bytes).await.unwrap();
@@ -148,7 +156,10 @@ async fn features_are_stored_and_the_join_completes() {
     let rec = env.wait(&tid, 60, |r| r.join.audio_done).await;
     assert!(!rec.join.infer_published);
     assert_eq!(rec.status, Status::Processing);
-    let key = names::artifact_key(&tid, names::artifact::AUDIO_FEATURES);
+    let key = rec
+        .output_of(Stage::Audio, names::artifact::AUDIO_FEATURES)
+        .expect("features recorded")
+        .to_owned();
     assert!(rec.artifacts.contains(&key), "{:?}", rec.artifacts);
     let f = env.features(&tid).await;
     assert_eq!(

@@ -38,16 +38,13 @@ use tokio_util::sync::CancellationToken;
 pub async fn start(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<StageServer> {
     let settings = FaceSettings::from_config(&cfg.face)?;
     let geometries = Geometries::load(&cfg.models)?;
-    let scratch = cfg.artifacts.scratch_dir.clone();
-    let stage = tokio::task::spawn_blocking(move || FaceStage::new(settings, geometries, scratch))
-        .await??;
+    let stage = tokio::task::spawn_blocking(move || FaceStage::new(settings, geometries)).await??;
     lipsync_runtime::start_stage(
         cfg,
         StageSpec {
             name: "lipsync-face",
             listen: cfg.face.listen,
             concurrency: cfg.face.concurrency,
-            max_ack_pending: (cfg.face.concurrency as i64 * 4).max(16),
         },
         stage,
         shutdown,

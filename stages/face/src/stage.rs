@@ -1,17 +1,14 @@
 //! The face stage handler: `work.face` -> face-track artifact -> face/audio join.
 
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use lipsync_runtime::{JobCtx, JobError, join};
-use lipsync_schemas::{FaceJob, Stage, TaskError, names};
+use lipsync_runtime::{JobCtx, JobError, Outcome, StageError};
+use lipsync_schemas::{ErrorCode, FaceJob, TaskError, names};
 
 use crate::detect::Detector;
 use crate::error::FaceError;
-use crate::pipeline::{Progress, track_file};
+use crate::pipeline::track_file;
 use crate::settings::{FaceSettings, Geometries};
 
 /// The face stage: keeps a small pool of loaded detectors (one per concurrent job).
@@ -19,7 +16,6 @@ pub struct FaceStage {
     settings: FaceSettings,
     geometries: Geometries,
     pool: Mutex<Vec<Box<dyn Detector>>>,
-    scratch: Option<PathBuf>,
 }
 
 impl FaceStage {
@@ -28,17 +24,12 @@ impl FaceStage {
     ///
     /// # Errors
     /// [`FaceError::Model`] when the detector cannot be loaded.
-    pub fn new(
-        settings: FaceSettings,
-        geometries: Geometries,
-        scratch: Option<PathBuf>,
-    ) -> Result<Self, FaceError> {
+    pub fn new(settings: FaceSettings, geometries: Geometries) -> Result<Self, FaceError> {
         let first = settings.build_detector()?;
         Ok(Self {
             settings,
             geometries,
             pool: Mutex::new(vec![first]),
-            scratch,
         })
     }
 
@@ -51,27 +42,37 @@ impl FaceStage {
     }
 }
 
-/// Maps a tracking failure to the runner's error kinds.
-pub fn job_error(e: FaceError) -> JobError {
-    match e {
-        FaceError::NoFace {
-            frame_index,
-            time_s,
-        } => {
-            let mut err = TaskError::new(
-                lipsync_schemas::ErrorCode::NoFaceDetected,
-                format!(
-                    "no usable face in frame {frame_index} ({time_s:.2} s): no face large and clear enough was detected"
-                ),
-            );
-            err.frame_index = Some(frame_index);
-            err.time_s = Some(time_s);
-            JobError::Permanent(err)
+impl StageError for FaceError {
+    fn code(&self) -> ErrorCode {
+        FaceError::code(self)
+    }
+    fn retryable(&self) -> bool {
+        matches!(self, FaceError::Inference(_) | FaceError::Io(_))
+    }
+    fn stopped(&self) -> bool {
+        matches!(self, FaceError::Stopped)
+    }
+    fn task_error(&self) -> TaskError {
+        match self {
+            FaceError::NoFace {
+                frame_index,
+                time_s,
+            } => {
+                let mut err = TaskError::new(
+                    ErrorCode::NoFaceDetected,
+                    format!(
+                        "no usable face in frame {frame_index} ({time_s:.2} s): no face large and clear enough was detected"
+                    ),
+                );
+                err.frame_index = Some(*frame_index);
+                err.time_s = Some(*time_s);
+                err
+            }
+            other => TaskError::new(
+                other.code(),
+                lipsync_runtime::errors::public_message(&other.to_string()),
+            ),
         }
-        FaceError::Stopped => JobError::Interrupted,
-        FaceError::Inference(m) => JobError::Transient(format!("face detector failed: {m}")),
-        FaceError::Io(e) => JobError::Transient(format!("face stage i/o: {e}")),
-        other => JobError::Permanent(TaskError::new(other.code(), other.to_string())),
     }
 }
 
@@ -79,76 +80,44 @@ pub fn job_error(e: FaceError) -> JobError {
 impl lipsync_runtime::Handler for FaceStage {
     type Job = FaceJob;
 
-    async fn handle(&self, ctx: JobCtx, job: FaceJob) -> Result<(), JobError> {
+    async fn handle(&self, ctx: JobCtx, job: FaceJob) -> Result<Outcome, JobError> {
         ctx.progress(0.0, "tracking faces").await?;
-        let scratch = self.scratch.clone().unwrap_or_else(std::env::temp_dir);
-        let dir = tempfile::Builder::new()
-            .prefix("lipsync-face-")
-            .tempdir_in(&scratch)
-            .map_err(|e| JobError::transient(format!("scratch directory: {e}")))?;
-        let video = dir.path().join("video");
-        ctx.artifacts.get_to_file(&job.video, &video).await?;
+        let video = ctx.read_artifact(&job.video, "video", "video").await?;
         ctx.check().await?;
 
         let geometry = self.geometries.for_model(&ctx.record.request.model);
-        let mut detector = match self.take_detector() {
+        let detector = match self.take_detector() {
             Some(d) => d,
             None => {
                 let settings = self.settings.clone();
-                tokio::task::spawn_blocking(move || settings.build_detector())
-                    .await
-                    .map_err(|e| JobError::transient(format!("detector start: {e}")))?
-                    .map_err(job_error)?
+                ctx.run_blocking("face detector start", move |_| settings.build_detector())
+                    .await??
             }
         };
-
-        let stop = Arc::new(AtomicBool::new(false));
-        let (progress_tx, mut progress_rx) = tokio::sync::mpsc::channel::<Progress>(4);
         let settings = self.settings.track.clone();
-        let worker_stop = stop.clone();
-        let worker = tokio::task::spawn_blocking(move || {
-            let result = track_file(&video, detector.as_mut(), &geometry, &settings, &mut |p| {
-                if worker_stop.load(Ordering::Relaxed) {
-                    return Err(FaceError::Stopped);
-                }
-                let _ = progress_tx.try_send(p);
-                Ok(())
-            });
-            (detector, result)
-        });
-
-        // Progress and cancellation checks after every batch.
-        let mut stopped: Option<JobError> = None;
-        while let Some(p) = progress_rx.recv().await {
-            if stopped.is_some() {
-                continue;
-            }
-            let msg = match p.expected {
-                Some(n) => format!("tracking faces: frame {} of about {n}", p.frames),
-                None => format!("tracking faces: frame {}", p.frames),
-            };
-            let res = match ctx.progress(p.fraction(), &msg).await {
-                Ok(()) => ctx.check().await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = res {
-                stop.store(true, Ordering::Relaxed);
-                stopped = Some(e);
-            }
-        }
-        let (detector, result) = worker
-            .await
-            .map_err(|e| JobError::transient(format!("face worker panicked: {e}")))?;
+        let (detector, track) = ctx
+            .run_blocking("face tracker", move |b| {
+                let mut detector = detector;
+                let result =
+                    track_file(&video, detector.as_mut(), &geometry, &settings, &mut |p| {
+                        if b.should_stop() {
+                            return Err(FaceError::Stopped);
+                        }
+                        let msg = match p.expected {
+                            Some(n) => format!("tracking faces: frame {} of about {n}", p.frames),
+                            None => format!("tracking faces: frame {}", p.frames),
+                        };
+                        b.progress(p.fraction(), msg);
+                        Ok(())
+                    });
+                (detector, result)
+            })
+            .await?;
         self.return_detector(detector);
-        if let Some(e) = stopped {
-            return Err(e);
-        }
-        let track = result.map_err(job_error)?;
-        drop(dir);
+        let track = track?;
 
         let missing = track.frames.iter().filter(|f| !f.present).count();
         tracing::info!(
-            task_id = %ctx.task_id,
             frames = track.frame_count,
             missing,
             profile = %self.geometries.for_model(&ctx.record.request.model).profile,
@@ -156,8 +125,9 @@ impl lipsync_runtime::Handler for FaceStage {
         );
         let body = serde_json::to_vec(&track)
             .map_err(|e| JobError::transient(format!("encode face track: {e}")))?;
-        let key = names::artifact_key(&ctx.task_id, names::artifact::FACE_TRACK);
-        ctx.artifacts.put(&key, &mut body.as_slice()).await?;
+        let key = ctx
+            .store_artifact_bytes(names::artifact::FACE_TRACK, &body)
+            .await?;
         let msg = if missing > 0 {
             format!(
                 "face track ready ({} frames, {missing} without a face left untouched)",
@@ -167,7 +137,6 @@ impl lipsync_runtime::Handler for FaceStage {
             format!("face track ready ({} frames)", track.frame_count)
         };
         ctx.progress(1.0, &msg).await?;
-        join::complete_part(&ctx, Stage::Face).await?;
-        Ok(())
+        Ok(Outcome::join([(names::artifact::FACE_TRACK, key)]))
     }
 }

@@ -50,7 +50,7 @@ impl Env {
     async fn submit(&self, video: &Path) -> String {
         let tid = uuid::Uuid::new_v4().to_string();
         let mut rec = new_record(&tid);
-        rec.join.audio_done = true;
+        lipsync_tests::set_done(&mut rec, Stage::Audio, names::artifact::AUDIO_FEATURES);
         self.store.create(&rec).await.unwrap();
         let key = names::artifact_key(&tid, names::artifact::VIDEO);
         self.artifacts.put_file(&key, video).await.unwrap();
@@ -79,7 +79,9 @@ impl Env {
     }
 
     async fn track(&self, tid: &str) -> FaceTrack {
-        let key = names::artifact_key(tid, names::artifact::FACE_TRACK);
+        let key =
+            lipsync_tests::output_key(&self.store, tid, Stage::Face, names::artifact::FACE_TRACK)
+                .await;
         let mut body = Vec::new();
         self.artifacts
             .get(&key)

@@ -1,9 +1,10 @@
-//! lipsync fetch stage: SSRF-guarded streaming download ([`guard`], [`download`]),
+//! lipsync fetch stage: SSRF-guarded streaming download ([`guard`], the shared
+//! `lipsync-netguard` crate re-exported; [`download`]),
 //! probing, validation and audio conversion of the inputs ([`probe`]), and the stage
 //! handler that ties them to the work queue ([`FetchStage`]).
 
 pub mod download;
-pub mod guard;
+pub use lipsync_netguard as guard;
 pub mod probe;
 mod stage;
 
@@ -14,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Start the fetch stage (tests use the returned server's address and `wait`).
 pub async fn start(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<StageServer> {
-    let stage = FetchStage::new(&cfg.fetch, cfg.artifacts.scratch_dir.clone())
+    let stage = FetchStage::new(&cfg.fetch)
         .map_err(|e| anyhow::anyhow!("invalid fetch configuration: {e}"))?;
     if cfg.fetch.allow_private_networks {
         tracing::warn!(
@@ -27,7 +28,6 @@ pub async fn start(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<
             name: "lipsync-fetch",
             listen: cfg.fetch.listen,
             concurrency: cfg.fetch.concurrency,
-            max_ack_pending: (cfg.fetch.concurrency as i64 * 16).max(64),
         },
         stage,
         shutdown,

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use lipsync_runtime::config::FetchConfig;
-use lipsync_runtime::{Change, JobCtx, JobError};
+use lipsync_runtime::{Change, JobCtx, JobError, Outcome, StageError};
 use lipsync_schemas::{
-    AudioJob, ErrorCode, FaceJob, FetchJob, InputSource, MediaSummary, TaskError, names,
+    AudioJob, ErrorCode, FaceJob, FetchJob, InputSource, MediaSummary, NextWork, names,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -28,7 +28,6 @@ pub struct FetchStage {
     media: MediaLimits,
     audio_limits: MediaLimits,
     tools: MediaTools,
-    scratch: Option<PathBuf>,
 }
 
 /// Which input a failure concerns (for messages).
@@ -57,22 +56,53 @@ fn code_of(s: &str) -> ErrorCode {
     serde_json::from_value(serde_json::Value::String(s.to_owned())).unwrap_or(ErrorCode::Internal)
 }
 
-fn download_error(which: Which, e: DownloadError) -> JobError {
-    let msg = format!("{} download: {e}", which.name());
-    if e.is_transient() {
-        JobError::Transient(msg)
-    } else {
-        JobError::Permanent(TaskError::new(code_of(e.code()), msg))
+/// A failure of one input, named for the client.
+struct InputError<E> {
+    which: Which,
+    what: &'static str,
+    error: E,
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for InputError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.which.name(), self.what, self.error)
     }
 }
 
-fn probe_error(which: Which, e: ProbeError) -> JobError {
-    let msg = format!("{} input: {e}", which.name());
-    if e.is_transient() {
-        JobError::Transient(msg)
-    } else {
-        JobError::Permanent(TaskError::new(code_of(e.code()), msg))
+impl StageError for InputError<DownloadError> {
+    fn code(&self) -> ErrorCode {
+        code_of(self.error.code())
     }
+    fn retryable(&self) -> bool {
+        self.error.is_transient()
+    }
+}
+
+impl StageError for InputError<ProbeError> {
+    fn code(&self) -> ErrorCode {
+        code_of(self.error.code())
+    }
+    fn retryable(&self) -> bool {
+        self.error.is_transient()
+    }
+}
+
+fn download_error(which: Which, error: DownloadError) -> JobError {
+    InputError {
+        which,
+        what: "download",
+        error,
+    }
+    .into()
+}
+
+fn probe_error(which: Which, error: ProbeError) -> JobError {
+    InputError {
+        which,
+        what: "input",
+        error,
+    }
+    .into()
 }
 
 /// Build the URL policy of the fetch configuration; errors name the bad key.
@@ -94,7 +124,7 @@ pub fn url_policy(cfg: &FetchConfig) -> Result<UrlPolicy, String> {
 
 impl FetchStage {
     /// Build the stage from its configuration.
-    pub fn new(cfg: &FetchConfig, scratch: Option<PathBuf>) -> Result<Self, String> {
+    pub fn new(cfg: &FetchConfig) -> Result<Self, String> {
         let policy = url_policy(cfg)?;
         let client = policy
             .client(&ClientOptions {
@@ -129,11 +159,11 @@ impl FetchStage {
                 convert_timeout: Duration::from_secs(cfg.tool_timeout_s),
                 ..MediaTools::default()
             },
-            scratch,
         })
     }
 
-    /// Bring one input into the artifact store and a local file; returns the file.
+    /// Bring one input into the artifact store and a local file; returns the file and
+    /// the input's artifact key.
     async fn obtain(
         &self,
         ctx: &JobCtx,
@@ -142,23 +172,15 @@ impl FetchStage {
         dir: &Path,
         counter: Arc<AtomicU64>,
         total: Arc<AtomicU64>,
-    ) -> Result<PathBuf, JobError> {
-        let key = names::artifact_key(&ctx.task_id, which.artifact());
+    ) -> Result<(PathBuf, String), JobError> {
+        let key = ctx.artifact_key(which.artifact());
         let local = dir.join(which.name());
         match source {
             InputSource::Artifact(k) => {
                 // Uploaded through the gateway: only probe it.
-                ctx.artifacts
-                    .get_to_file(k, &local)
-                    .await
-                    .map_err(|e| match e {
-                        lipsync_runtime::ArtifactError::NotFound(_) => JobError::permanent(
-                            ErrorCode::InvalidRequest,
-                            format!("the uploaded {} is no longer available", which.name()),
-                        ),
-                        other => JobError::from(other),
-                    })?;
-                Ok(local)
+                let what = format!("uploaded {}", which.name());
+                let path = ctx.read_artifact(k, which.name(), &what).await?;
+                Ok((path, k.clone()))
             }
             InputSource::Url(url) => {
                 let file = tokio::fs::File::create(&local)
@@ -171,6 +193,9 @@ impl FetchStage {
                 let mut tee = Tee::new(file, to_store);
                 let mut last = 0u64;
                 let result = download_to(&self.client, url, &self.limits, &mut tee, |done, len| {
+                    if done > last {
+                        ctx.alive();
+                    }
                     counter.fetch_add(done - last, Ordering::Relaxed);
                     last = done;
                     if let Some(len) = len {
@@ -191,32 +216,31 @@ impl FetchStage {
                         stored
                             .map_err(|e| JobError::transient(format!("artifact put: {e}")))?
                             .map_err(JobError::from)?;
-                        Ok(local)
+                        ctx.register_artifacts(std::slice::from_ref(&key)).await?;
+                        Ok((local, key))
                     }
                 }
             }
         }
     }
 
-    async fn probe_video(&self, path: &Path) -> Result<MediaInfo, JobError> {
-        let info = self
-            .tools
-            .probe(path)
-            .await
+    async fn probe_video(&self, ctx: &JobCtx, path: &Path) -> Result<MediaInfo, JobError> {
+        // The tools run under their own time limits: keep the lease meanwhile.
+        let info = ctx
+            .keepalive(self.tools.probe(path))
+            .await?
             .map_err(|e| probe_error(Which::Video, e))?;
         validate_video(&info, &self.media).map_err(|e| probe_error(Which::Video, e))?;
-        self.tools
-            .check_integrity(path)
-            .await
+        ctx.keepalive(self.tools.check_integrity(path))
+            .await?
             .map_err(|e| probe_error(Which::Video, e))?;
         Ok(info)
     }
 
-    async fn probe_audio(&self, path: &Path) -> Result<MediaInfo, JobError> {
-        let info = self
-            .tools
-            .probe(path)
-            .await
+    async fn probe_audio(&self, ctx: &JobCtx, path: &Path) -> Result<MediaInfo, JobError> {
+        let info = ctx
+            .keepalive(self.tools.probe(path))
+            .await?
             .map_err(|e| probe_error(Which::Audio, e))?;
         validate_audio(&info, &self.audio_limits).map_err(|e| probe_error(Which::Audio, e))?;
         Ok(info)
@@ -227,12 +251,8 @@ impl FetchStage {
 impl lipsync_runtime::Handler for FetchStage {
     type Job = FetchJob;
 
-    async fn handle(&self, ctx: JobCtx, job: FetchJob) -> Result<(), JobError> {
-        let dir = match &self.scratch {
-            Some(d) => tempfile::Builder::new().prefix("fetch-").tempdir_in(d),
-            None => tempfile::Builder::new().prefix("lipsync-fetch-").tempdir(),
-        }
-        .map_err(JobError::transient)?;
+    async fn handle(&self, ctx: JobCtx, job: FetchJob) -> Result<Outcome, JobError> {
+        let dir = ctx.scratch_dir()?;
         let done = Arc::new(AtomicU64::new(0));
         let total = Arc::new(AtomicU64::new(0));
 
@@ -260,7 +280,7 @@ impl lipsync_runtime::Handler for FetchStage {
                 &ctx,
                 Which::Video,
                 &job.video,
-                dir.path(),
+                &dir,
                 done.clone(),
                 total.clone()
             ),
@@ -268,26 +288,27 @@ impl lipsync_runtime::Handler for FetchStage {
                 &ctx,
                 Which::Audio,
                 &job.audio,
-                dir.path(),
+                &dir,
                 done.clone(),
                 total.clone()
             ),
         );
         ticker.abort();
-        let (video, audio) = (video?, audio?);
+        let ((video, video_key), (audio, audio_key)) = (video?, audio?);
         ctx.check().await?;
 
-        let (vinfo, ainfo) = tokio::join!(self.probe_video(&video), self.probe_audio(&audio));
+        let (vinfo, ainfo) = tokio::join!(
+            self.probe_video(&ctx, &video),
+            self.probe_audio(&ctx, &audio)
+        );
         let (vinfo, ainfo) = (vinfo?, ainfo?);
         ctx.progress(0.93, "fetch: inputs validated").await?;
 
-        let wav = dir.path().join("audio_16k.wav");
-        self.tools
-            .to_pcm16k_wav(&audio, &wav)
-            .await
+        let wav = dir.join("audio_16k.wav");
+        ctx.keepalive(self.tools.to_pcm16k_wav(&audio, &wav))
+            .await?
             .map_err(|e| probe_error(Which::Audio, e))?;
-        let wav_key = names::artifact_key(&ctx.task_id, names::artifact::AUDIO_16K);
-        ctx.artifacts.put_file(&wav_key, &wav).await?;
+        let wav_key = ctx.store_artifact(names::artifact::AUDIO_16K, &wav).await?;
 
         let v = vinfo.primary_video().expect("validated");
         let (width, height) = v.display_size();
@@ -302,26 +323,9 @@ impl lipsync_runtime::Handler for FetchStage {
                 .or(ainfo.duration_s)
                 .unwrap_or(0.0),
         };
-        let video_key = names::artifact_key(&ctx.task_id, names::artifact::VIDEO);
-        let audio_key = names::artifact_key(&ctx.task_id, names::artifact::AUDIO_ORIGINAL);
-        let video_key = match &job.video {
-            InputSource::Artifact(k) => k.clone(),
-            InputSource::Url(_) => video_key,
-        };
-        let audio_key = match &job.audio {
-            InputSource::Artifact(k) => k.clone(),
-            InputSource::Url(_) => audio_key,
-        };
-        let keys = [video_key.clone(), audio_key.clone(), wav_key.clone()];
         ctx.tasks
             .update(&ctx.task_id, |r| {
                 r.media = Some(summary.clone());
-                for k in &keys {
-                    if !r.artifacts.contains(k) {
-                        r.artifacts.push(k.clone());
-                    }
-                }
-                r.raise_progress(lipsync_schemas::Stage::Fetch.progress_at(1.0));
                 r.message = format!(
                     "fetch: {}x{} video, {:.1} s; {:.1} s audio",
                     summary.width,
@@ -333,18 +337,25 @@ impl lipsync_runtime::Handler for FetchStage {
             })
             .await?;
         ctx.check().await?;
-        ctx.publish(&FaceJob {
-            v: lipsync_schemas::WORK_VERSION,
-            task_id: ctx.task_id.clone(),
-            video: video_key,
-        })
-        .await?;
-        ctx.publish(&AudioJob {
-            v: lipsync_schemas::WORK_VERSION,
-            task_id: ctx.task_id.clone(),
-            audio_16k: wav_key,
-        })
-        .await?;
-        Ok(())
+        let next = vec![
+            NextWork::of(&FaceJob {
+                v: lipsync_schemas::WORK_VERSION,
+                task_id: ctx.task_id.clone(),
+                video: video_key.clone(),
+            }),
+            NextWork::of(&AudioJob {
+                v: lipsync_schemas::WORK_VERSION,
+                task_id: ctx.task_id.clone(),
+                audio_16k: wav_key.clone(),
+            }),
+        ];
+        Ok(Outcome::next(
+            [
+                (names::artifact::VIDEO, video_key),
+                (names::artifact::AUDIO_ORIGINAL, audio_key),
+                (names::artifact::AUDIO_16K, wav_key),
+            ],
+            next,
+        ))
     }
 }

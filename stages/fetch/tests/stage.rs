@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use lipsync_runtime::tasks::TaskStore;
 use lipsync_runtime::{ArtifactStore, NatsArtifacts};
-use lipsync_schemas::{ErrorCode, FetchJob, InputSource, Status, TaskRecord, names};
+use lipsync_schemas::{ErrorCode, FetchJob, InputSource, Stage, Status, TaskRecord, names};
 use lipsync_tests::pipeline::ffmpeg;
 use lipsync_tests::{NatsServer, new_record, topology, wait_for};
 use tokio_util::sync::CancellationToken;
@@ -253,7 +253,7 @@ async fn fetches_validates_and_hands_over() {
     // Originals and the 16 kHz WAV are in the artifact store.
     let v = e
         .artifacts
-        .info(&names::artifact_key(&ok, names::artifact::VIDEO))
+        .info(rec.output_of(Stage::Fetch, names::artifact::VIDEO).unwrap())
         .await
         .unwrap()
         .unwrap();
@@ -264,7 +264,10 @@ async fn fetches_validates_and_hands_over() {
     let dir = tempfile::tempdir().unwrap();
     let wav = dir.path().join("a.wav");
     e.artifacts
-        .get_to_file(&names::artifact_key(&ok, names::artifact::AUDIO_16K), &wav)
+        .get_to_file(
+            rec.output_of(Stage::Fetch, names::artifact::AUDIO_16K).unwrap(),
+            &wav,
+        )
         .await
         .unwrap();
     let probe = lipsync_fetch::probe::probe(&wav).await.unwrap();
@@ -324,7 +327,12 @@ async fn bad_inputs_fail_typed_and_the_stage_keeps_serving() {
         if code == ErrorCode::DownloadFailed {
             assert!(
                 e.artifacts
-                    .info(&names::artifact_key(&tid, names::artifact::VIDEO))
+                    .info(&names::attempt_key(
+                        &tid,
+                        Stage::Fetch,
+                        1,
+                        names::artifact::VIDEO
+                    ))
                     .await
                     .unwrap()
                     .is_none()
@@ -405,7 +413,7 @@ async fn sigkill_mid_download_completes_once() {
     // The stored input is the whole file, not the part from the killed attempt.
     let v = e
         .artifacts
-        .info(&names::artifact_key(&tid, names::artifact::VIDEO))
+        .info(rec.output_of(Stage::Fetch, names::artifact::VIDEO).unwrap())
         .await
         .unwrap()
         .unwrap();

@@ -1,6 +1,5 @@
 //! Errors of the infer stage and how they map onto job outcomes and error codes.
 
-use lipsync_runtime::JobError;
 use lipsync_schemas::ErrorCode;
 
 /// Errors of the infer stage.
@@ -24,6 +23,9 @@ pub enum InferError {
     /// The job was stopped (cancellation or shutdown) between two steps.
     #[error("stopped")]
     Stopped,
+    /// A pipeline thread panicked; the engine was kept and the attempt is retried.
+    #[error("internal error: the inference pipeline panicked: {0}")]
+    Panicked(String),
 }
 
 /// `Result` with [`InferError`].
@@ -35,17 +37,24 @@ impl From<ort::Error> for InferError {
     }
 }
 
-impl InferError {
-    /// Returns the job outcome: model and encoder failures are permanent
-    /// (`inference_failed` / `encode_failed`), local I/O is transient.
-    pub fn into_job_error(self) -> JobError {
+impl lipsync_runtime::StageError for InferError {
+    /// Model and encoder failures are permanent (`inference_failed` / `encode_failed`).
+    fn code(&self) -> ErrorCode {
         match self {
-            InferError::Model(m) => JobError::permanent(ErrorCode::InferenceFailed, m),
-            InferError::BadRequest(m) => JobError::permanent(ErrorCode::InvalidRequest, m),
-            InferError::Input(m) => JobError::permanent(ErrorCode::UnsupportedMedia, m),
-            InferError::Encode(m) => JobError::permanent(ErrorCode::EncodeFailed, m),
-            InferError::Io(e) => JobError::transient(format!("local i/o: {e}")),
-            InferError::Stopped => JobError::Cancelled,
+            InferError::Model(_) => ErrorCode::InferenceFailed,
+            InferError::BadRequest(_) => ErrorCode::InvalidRequest,
+            InferError::Input(_) => ErrorCode::UnsupportedMedia,
+            InferError::Encode(_) => ErrorCode::EncodeFailed,
+            InferError::Io(_) | InferError::Panicked(_) | InferError::Stopped => {
+                ErrorCode::Internal
+            }
         }
+    }
+    /// Local I/O and a panic inside the pipeline are worth another delivery.
+    fn retryable(&self) -> bool {
+        matches!(self, InferError::Io(_) | InferError::Panicked(_))
+    }
+    fn stopped(&self) -> bool {
+        matches!(self, InferError::Stopped)
     }
 }

@@ -6,8 +6,8 @@
 //! crops as one near-lossless Matroska artifact (`<task>/crops.mkv`, one frame per output
 //! frame at 25 fps), then publishes `lipsync.work.mux` ([`lipsync_schemas::MuxJob`]).
 //!
-//! A one-permit consumer: `infer.gpu_workers` jobs at once (one per GPU), with
-//! `max_ack_pending` equal to it. Sessions are created once at start-up.
+//! A one-permit consumer: `infer.gpu_workers` jobs at once per process (one per GPU);
+//! the consumer's cluster-wide ceiling is the deployment's `nats.infer_max_in_flight`. Sessions are created once at start-up.
 //!
 //! Run: `lipsync-infer` (config: `[infer]`, `[models]`; `ORT_DYLIB_PATH` names the ONNX
 //! Runtime library). `lipsync-infer bench` runs the pipeline on a local clip without NATS.
@@ -50,7 +50,6 @@ pub async fn start(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<
             name: "lipsync-infer",
             listen: cfg.infer.listen,
             concurrency: workers,
-            max_ack_pending: workers as i64,
         },
         InferHandler(Arc::new(stage)),
         shutdown,

@@ -1,18 +1,16 @@
 //! The infer stage handler: fetch the inputs of a task, run the pipeline on one of this
 //! process's GPU workers, store the crops and hand the task to mux.
 
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use lipsync_runtime::features::AudioFeatures;
 use lipsync_runtime::media::LengthMode;
 use lipsync_runtime::models::ResolvedProfile;
-use lipsync_runtime::{ArtifactError, Change, Config, JobCtx, JobError, Updated};
-use lipsync_schemas::{ErrorCode, FaceTrack, InferJob, MuxJob, names};
-use tokio::io::AsyncReadExt;
-use tokio::sync::mpsc;
+use lipsync_runtime::{Blocking, Change, Config, JobCtx, JobError, Outcome, Updated};
+use lipsync_schemas::{ErrorCode, FaceTrack, InferJob, MuxJob, NextWork, names};
 
 use crate::crops::CropsCodec;
 use crate::engine::{Device, Engine, EngineOptions};
@@ -168,16 +166,28 @@ impl InferStage {
             features,
             mask: &self.mask,
         };
-        let res = pipeline::run(
-            &mut engine,
-            &self.profile.profile.scheduler,
-            params,
-            &inputs,
-            &self.scratch,
-            out,
-            control,
-        );
+        // A panic in a pipeline thread fails this run only: the engine goes back to the
+        // pool (its sessions hold no per-run state) and the worker keeps serving.
+        let res = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            pipeline::run(
+                &mut engine,
+                &self.profile.profile.scheduler,
+                params,
+                &inputs,
+                &self.scratch,
+                out,
+                control,
+            )
+        }));
         self.engines.lock().expect("engine pool").push(engine);
+        let res = res.unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(InferError::Panicked(msg))
+        });
         *self.idle_since.lock().expect("idle clock") = Some(std::time::Instant::now());
         if let Ok(r) = &res {
             let outside = r.wall_time.saturating_sub(r.model_time);
@@ -194,36 +204,16 @@ impl InferStage {
     }
 }
 
-/// Forwards steps to the async side and stops when it says so.
-struct ChannelControl {
-    tx: mpsc::UnboundedSender<(u64, u64)>,
-    stop: Arc<AtomicBool>,
-}
+/// Forwards steps to the job's progress and stops when it must.
+struct JobControl<'a>(&'a Blocking);
 
-impl Control for ChannelControl {
+impl Control for JobControl<'_> {
     fn step(&mut self, done: u64, total: u64) -> bool {
-        let _ = self.tx.send((done, total));
-        !self.stop.load(Ordering::SeqCst)
+        let fraction = done as f64 / total.max(1) as f64;
+        self.0
+            .progress(fraction, format!("infer: denoising step {done}/{total}"));
+        !self.0.should_stop()
     }
-}
-
-fn artifact_error(e: ArtifactError) -> JobError {
-    match e {
-        ArtifactError::NotFound(_) => JobError::permanent(
-            ErrorCode::Internal,
-            "an intermediate result of this task is missing (expired or deleted)",
-        ),
-        other => JobError::transient(other),
-    }
-}
-
-async fn read_all(ctx: &JobCtx, key: &str) -> Result<Vec<u8>, JobError> {
-    let mut r = ctx.artifacts.get(key).await.map_err(artifact_error)?;
-    let mut buf = Vec::new();
-    r.read_to_end(&mut buf)
-        .await
-        .map_err(|e| JobError::transient(format!("read {key}: {e}")))?;
-    Ok(buf)
 }
 
 /// The work-queue handler around a shared [`InferStage`].
@@ -234,13 +224,13 @@ pub struct InferHandler(pub Arc<InferStage>);
 impl lipsync_runtime::Handler for InferHandler {
     type Job = InferJob;
 
-    async fn handle(&self, ctx: JobCtx, job: InferJob) -> Result<(), JobError> {
+    async fn handle(&self, ctx: JobCtx, job: InferJob) -> Result<Outcome, JobError> {
         self.0.clone().handle_job(ctx, job).await
     }
 }
 
 impl InferStage {
-    async fn handle_job(self: Arc<Self>, ctx: JobCtx, job: InferJob) -> Result<(), JobError> {
+    async fn handle_job(self: Arc<Self>, ctx: JobCtx, job: InferJob) -> Result<Outcome, JobError> {
         let task_id = ctx.task_id.clone();
         let request = &ctx.record.request;
         let default_seed = self.profile.profile.inference.default_seed;
@@ -289,87 +279,50 @@ impl InferStage {
         }
 
         // Inputs.
-        let dir = tempfile::Builder::new()
-            .prefix("lipsync-infer-")
-            .tempdir_in(&self.scratch)
-            .map_err(|e| JobError::transient(format!("scratch dir: {e}")))?;
-        let video = dir.path().join("video");
-        ctx.artifacts
-            .get_to_file(&job.video, &video)
-            .await
-            .map_err(artifact_error)?;
-        let track: FaceTrack = serde_json::from_slice(&read_all(&ctx, &job.face_track).await?)
-            .map_err(|e| JobError::permanent(ErrorCode::Internal, format!("face track: {e}")))?;
-        let features = AudioFeatures::read_from(&read_all(&ctx, &job.audio_features).await?[..])
-            .map_err(|e| {
-                JobError::permanent(ErrorCode::Internal, format!("audio features: {e}"))
-            })?;
+        let video = ctx.read_artifact(&job.video, "video", "video").await?;
+        let track: FaceTrack = serde_json::from_slice(
+            &ctx.read_artifact_bytes(&job.face_track, "face track")
+                .await?,
+        )
+        .map_err(|e| JobError::permanent(ErrorCode::Internal, format!("face track: {e}")))?;
+        let features = AudioFeatures::read_from(
+            &ctx.read_artifact_bytes(&job.audio_features, "audio features")
+                .await?[..],
+        )
+        .map_err(|e| JobError::permanent(ErrorCode::Internal, format!("audio features: {e}")))?;
         let n_out = pipeline::output_frames(&track, &features, self.length_mode);
         ctx.check().await?;
 
         // Inference on a blocking thread; steps come back for progress and cancellation.
         let params = self.params(steps, guidance, seed);
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut control = ChannelControl {
-            tx,
-            stop: stop.clone(),
-        };
-        let crops = dir.path().join("crops.mkv");
+        let crops = ctx.scratch_dir()?.join("crops.mkv");
         let this = self.clone();
-        let (video_path, crops_path) = (video.clone(), crops.clone());
-        let mut work = tokio::task::spawn_blocking(move || {
-            this.run_blocking(
-                &params,
-                &video_path,
-                &track,
-                &features,
-                &crops_path,
-                &mut control,
-            )
-        });
-        let mut stopped_by: Option<JobError> = None;
+        let crops_path = crops.clone();
         let steps_gauge = crate::metrics::metrics()
             .steps_per_second
             .with_label_values(&["infer"]);
-        let steps_started = std::time::Instant::now();
-        let result = loop {
-            tokio::select! {
-                res = &mut work => break res,
-                Some((done, total)) = rx.recv() => {
-                    if stopped_by.is_some() {
-                        continue;
-                    }
-                    steps_gauge.set(done as f64 / steps_started.elapsed().as_secs_f64().max(1e-3));
-                    let msg = format!("infer: denoising step {done}/{total}");
-                    let fraction = done as f64 / total.max(1) as f64;
-                    let res = match ctx.progress(fraction, &msg).await {
-                        Ok(()) => ctx.check().await,
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = res {
-                        stop.store(true, Ordering::SeqCst);
-                        stopped_by = Some(e);
-                    }
-                }
-            }
-        };
+        let gauge = steps_gauge.clone();
+        let report = ctx
+            .run_blocking("inference", move |b| {
+                let started = std::time::Instant::now();
+                let mut control = RateControl {
+                    inner: JobControl(b),
+                    gauge,
+                    started,
+                };
+                this.run_blocking(
+                    &params,
+                    &video,
+                    &track,
+                    &features,
+                    &crops_path,
+                    &mut control,
+                )
+            })
+            .await;
         steps_gauge.set(0.0);
-        let report = match result {
-            Ok(Ok(r)) => r,
-            Ok(Err(InferError::Stopped)) => {
-                return Err(stopped_by.unwrap_or(JobError::Cancelled));
-            }
-            Ok(Err(e)) => return Err(e.into_job_error()),
-            Err(join) => {
-                return Err(JobError::permanent(
-                    ErrorCode::Internal,
-                    format!("inference worker crashed: {join}"),
-                ));
-            }
-        };
+        let report = report??;
         tracing::info!(
-            %task_id,
             seed,
             frames = report.output_frames,
             chunks = report.chunks_generated,
@@ -381,40 +334,47 @@ impl InferStage {
         );
 
         // Store the crops, then hand over to mux.
-        let crops_key = names::artifact_key(&task_id, names::artifact::CROPS);
-        ctx.artifacts.put_file(&crops_key, &crops).await?;
-        ctx.tasks
-            .update(&task_id, |r| {
-                if r.artifacts.contains(&crops_key) {
-                    return Change::Skip;
-                }
-                r.artifacts.push(crops_key.clone());
-                Change::Write
-            })
-            .await?;
-        ctx.check().await?;
+        let crops_key = ctx.store_artifact(names::artifact::CROPS, &crops).await?;
+        ctx.progress(1.0, "infer: done").await?;
+        let fetched = |name: &str| {
+            ctx.record
+                .output_of(lipsync_schemas::Stage::Fetch, name)
+                .map_or_else(|| names::artifact_key(&task_id, name), str::to_owned)
+        };
         let mux = MuxJob {
             v: lipsync_schemas::WORK_VERSION,
             task_id: task_id.clone(),
             video: job.video.clone(),
             face_track: job.face_track.clone(),
-            crops: crops_key,
-            audio_original: names::artifact_key(&task_id, names::artifact::AUDIO_ORIGINAL),
-            audio_16k: names::artifact_key(&task_id, names::artifact::AUDIO_16K),
+            crops: crops_key.clone(),
+            audio_original: fetched(names::artifact::AUDIO_ORIGINAL),
+            audio_16k: fetched(names::artifact::AUDIO_16K),
             output_frames: n_out as u64,
-            length_mode: length_mode_name(self.length_mode).to_owned(),
+            length_mode: self.length_mode,
         };
-        ctx.publish(&mux).await?;
-        ctx.progress(1.0, "infer: done").await?;
-        Ok(())
+        Ok(Outcome::next(
+            [(names::artifact::CROPS, crops_key)],
+            vec![NextWork::of(&mux)],
+        ))
+    }
+}
+
+/// [`JobControl`] that also keeps the steps-per-second gauge.
+struct RateControl<'a> {
+    inner: JobControl<'a>,
+    gauge: prometheus::Gauge,
+    started: std::time::Instant,
+}
+
+impl Control for RateControl<'_> {
+    fn step(&mut self, done: u64, total: u64) -> bool {
+        self.gauge
+            .set(done as f64 / self.started.elapsed().as_secs_f64().max(1e-3));
+        self.inner.step(done, total)
     }
 }
 
 /// Returns the wire word of a length mode (`MuxJob::length_mode`).
 pub fn length_mode_name(mode: LengthMode) -> &'static str {
-    match mode {
-        LengthMode::Pingpong => "pingpong",
-        LengthMode::Loop => "loop",
-        LengthMode::Cut => "cut",
-    }
+    mode.as_str()
 }

@@ -1,7 +1,6 @@
 //! Errors of the mux stage and how each maps to a task outcome.
 
-use lipsync_runtime::JobError;
-use lipsync_schemas::ErrorCode;
+use lipsync_schemas::{ErrorCode, TaskError};
 
 /// Result of mux operations.
 pub type Result<T, E = MuxError> = std::result::Result<T, E>;
@@ -35,6 +34,13 @@ pub enum MuxError {
     /// The job was told to stop.
     #[error("aborted")]
     Aborted,
+    /// The input decodes to more than the limits allow, or the render would need more
+    /// scratch than `mux.max_scratch_bytes` (`input_too_long`).
+    #[error("{0}")]
+    TooLong(String),
+    /// The input is not media this product accepts (`unsupported_media`).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl MuxError {
@@ -56,20 +62,36 @@ impl From<lipsync_runtime::media::MediaError> for MuxError {
                 what: "the video",
                 detail,
             },
+            MediaError::TooLong(m) => MuxError::TooLong(m),
+            MediaError::Refused(m) | MediaError::Timeout(m) => MuxError::Unsupported(m),
         }
     }
 }
 
-impl From<MuxError> for JobError {
-    fn from(e: MuxError) -> Self {
-        match e {
-            MuxError::Inconsistent(m) => JobError::permanent(ErrorCode::Internal, m),
-            e @ MuxError::Decode { .. } => JobError::permanent(ErrorCode::Internal, e.to_string()),
-            MuxError::Encode(m) => {
-                JobError::permanent(ErrorCode::EncodeFailed, format!("encoding failed: {m}"))
-            }
-            e @ MuxError::Io { .. } => JobError::transient(e),
-            MuxError::Aborted => JobError::Interrupted,
+impl lipsync_runtime::StageError for MuxError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            MuxError::Encode(_) => ErrorCode::EncodeFailed,
+            MuxError::TooLong(_) => ErrorCode::InputTooLong,
+            MuxError::Unsupported(_) => ErrorCode::UnsupportedMedia,
+            _ => ErrorCode::Internal,
         }
+    }
+    /// Local I/O is worth another delivery; inconsistent inputs and encoder failures are not.
+    fn retryable(&self) -> bool {
+        matches!(self, MuxError::Io { .. })
+    }
+    fn stopped(&self) -> bool {
+        matches!(self, MuxError::Aborted)
+    }
+    fn task_error(&self) -> TaskError {
+        let message = match self {
+            MuxError::Encode(m) => format!("encoding failed: {m}"),
+            other => other.to_string(),
+        };
+        TaskError::new(
+            self.code(),
+            lipsync_runtime::errors::public_message(&message),
+        )
     }
 }

@@ -37,15 +37,14 @@ use tokio_util::sync::CancellationToken;
 /// # Errors
 /// Invalid `[mux]` settings, or NATS cannot be reached.
 pub async fn start(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<StageServer> {
-    let stage = MuxStage::new(&cfg.mux, cfg.artifacts.scratch_dir.clone())
-        .map_err(|e| anyhow::anyhow!("invalid mux configuration: {e}"))?;
+    let stage =
+        MuxStage::new(&cfg.mux).map_err(|e| anyhow::anyhow!("invalid mux configuration: {e}"))?;
     lipsync_runtime::start_stage(
         cfg,
         StageSpec {
             name: "lipsync-mux",
             listen: cfg.mux.listen,
             concurrency: cfg.mux.concurrency,
-            max_ack_pending: (cfg.mux.concurrency as i64 * 4).max(8),
         },
         stage,
         shutdown,

@@ -3,17 +3,15 @@
 //! result and mask videos, complete the task and drop its intermediates.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use lipsync_runtime::config::MuxConfig;
 use lipsync_runtime::media::LengthMode;
-use lipsync_runtime::{ArtifactError, Change, Handler, JobCtx, JobError, Updated};
-use lipsync_schemas::{ErrorCode, FaceTrack, MuxJob, Stage, Status, names};
+use lipsync_runtime::{Handler, JobCtx, JobError, Outcome};
+use lipsync_schemas::{ErrorCode, FaceTrack, MuxJob, names};
 
-use crate::error::MuxError;
 use crate::render::{Progress, RenderJob, RenderOptions, render};
 
 /// Which audio goes into the result.
@@ -32,7 +30,6 @@ pub struct MuxStage {
     audio: AudioChoice,
     local_dir: Option<PathBuf>,
     delete_intermediates: bool,
-    scratch: Option<PathBuf>,
 }
 
 /// Share of the stage's progress band reached after fetching the inputs.
@@ -45,7 +42,7 @@ impl MuxStage {
     ///
     /// # Errors
     /// A message naming the bad key.
-    pub fn new(cfg: &MuxConfig, scratch: Option<PathBuf>) -> Result<Self, String> {
+    pub fn new(cfg: &MuxConfig) -> Result<Self, String> {
         let audio = match cfg.audio.as_str() {
             "resampled" => AudioChoice::Resampled,
             "original" => AudioChoice::Original,
@@ -63,26 +60,7 @@ impl MuxStage {
             audio,
             local_dir: cfg.local_dir.clone(),
             delete_intermediates: cfg.delete_intermediates,
-            scratch,
         })
-    }
-}
-
-/// Parses the job's length mode.
-fn length_mode(s: &str) -> Result<LengthMode, JobError> {
-    serde_json::from_value(serde_json::Value::String(s.to_owned()))
-        .map_err(|_| JobError::permanent(ErrorCode::Internal, format!("unknown length mode `{s}`")))
-}
-
-/// Fetches one artifact into `path`; a missing one is a permanent failure.
-async fn fetch(ctx: &JobCtx, key: &str, what: &str, path: PathBuf) -> Result<(), JobError> {
-    match ctx.artifacts.get_to_file(key, &path).await {
-        Ok(_) => Ok(()),
-        Err(ArtifactError::NotFound(_)) => Err(JobError::permanent(
-            ErrorCode::Internal,
-            format!("the {what} of this task is no longer stored"),
-        )),
-        Err(e) => Err(e.into()),
     }
 }
 
@@ -94,67 +72,62 @@ impl MuxStage {
         dir: &Path,
         track: FaceTrack,
         job: &MuxJob,
-        mode: LengthMode,
     ) -> Result<(), JobError> {
-        let progress = Arc::new(Progress::default());
         let total = job.output_frames as usize;
+        let mode: LengthMode = job.length_mode;
         let opts = self.opts.clone();
-        let (p, d) = (progress.clone(), dir.to_path_buf());
-        let mut handle = tokio::task::spawn_blocking(move || {
-            render(
-                &RenderJob {
-                    video: &d.join("video"),
-                    track: &track,
-                    crops: &d.join("crops.mkv"),
-                    audio: &d.join("audio"),
-                    output_frames: total,
-                    mode,
-                    result: &d.join("result.mp4"),
-                    mask: &d.join("mask.mp4"),
-                    scratch: &d,
-                },
-                &opts,
-                &p,
-            )
-        });
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        let outcome = loop {
-            tokio::select! {
-                r = &mut handle => break r,
-                _ = tick.tick() => {
-                    let done = progress.done.load(Ordering::Relaxed) as usize;
-                    let fraction = FETCHED + (RENDERED - FETCHED) * done as f64 / total.max(1) as f64;
-                    let status = match ctx.check().await {
-                        Ok(()) => ctx.progress(fraction, &format!("mux: frame {done} of {total}")).await,
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = status {
-                        progress.abort.store(true, Ordering::Relaxed);
-                        let _ = handle.await;
-                        return Err(e);
-                    }
-                }
-            }
-        };
-        match outcome {
-            Ok(Ok(stats)) => {
-                tracing::info!(
-                    task_id = %ctx.task_id,
-                    frames = stats.frames,
-                    faces = stats.faces,
-                    decodes = stats.video_decodes,
-                    fps = stats.frames as f64 / stats.secs.max(1e-9),
-                    "rendered"
-                );
-                Ok(())
-            }
-            Ok(Err(MuxError::Aborted)) => Err(JobError::Interrupted),
-            Ok(Err(e)) => Err(e.into()),
-            Err(e) => Err(JobError::permanent(
-                ErrorCode::Internal,
-                format!("the renderer crashed: {e}"),
-            )),
-        }
+        let d = dir.to_path_buf();
+        let stats = ctx
+            .run_blocking("renderer", move |b| {
+                let progress = Progress::default();
+                std::thread::scope(|s| {
+                    // Reports frames done and passes a stop on to the renderer.
+                    let watcher = s.spawn(|| {
+                        let mut last = u64::MAX;
+                        while !progress.abort.load(Ordering::Relaxed) {
+                            if b.should_stop() {
+                                progress.abort.store(true, Ordering::Relaxed);
+                                break;
+                            }
+                            let done = progress.done.load(Ordering::Relaxed);
+                            if done != last {
+                                last = done;
+                                let f = FETCHED
+                                    + (RENDERED - FETCHED) * done as f64 / total.max(1) as f64;
+                                b.progress(f, format!("mux: frame {done} of {total}"));
+                            }
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    });
+                    let result = render(
+                        &RenderJob {
+                            video: &d.join("video"),
+                            track: &track,
+                            crops: &d.join("crops.mkv"),
+                            audio: &d.join("audio"),
+                            output_frames: total,
+                            mode,
+                            result: &d.join("result.mp4"),
+                            mask: &d.join("mask.mp4"),
+                            scratch: &d,
+                        },
+                        &opts,
+                        &progress,
+                    );
+                    progress.abort.store(true, Ordering::Relaxed);
+                    let _ = watcher.join();
+                    result
+                })
+            })
+            .await??;
+        tracing::info!(
+            frames = stats.frames,
+            faces = stats.faces,
+            decodes = stats.video_decodes,
+            fps = stats.frames as f64 / stats.secs.max(1e-9),
+            "rendered"
+        );
+        Ok(())
     }
 
     /// Copies the outputs to `{local_dir}/{task_id}/` (write, then rename).
@@ -176,88 +149,13 @@ impl MuxStage {
         }
         Ok(())
     }
-
-    /// Marks the task completed with both URLs. `Ok(false)` if it ended otherwise.
-    async fn complete(&self, ctx: &JobCtx, outputs: &[String; 2]) -> Result<bool, JobError> {
-        let (epoch, rfc) = lipsync_runtime::tasks::now();
-        let task_id = ctx.task_id.clone();
-        let delete = self.delete_intermediates;
-        let updated = ctx
-            .tasks
-            .update(&task_id, |r| {
-                r.status = Status::Completed;
-                r.stage = Some(Stage::Mux);
-                r.raise_progress(1.0);
-                r.message = "completed".into();
-                r.output_video_url =
-                    Some(format!("/outputs/{task_id}/{}", names::artifact::RESULT));
-                r.output_mask_url = Some(format!("/outputs/{task_id}/{}", names::artifact::MASK));
-                r.finished_at = Some(rfc.clone());
-                r.end_time = Some(epoch);
-                r.queue_position = None;
-                r.error = None;
-                r.stages
-                    .entry(Stage::Mux.as_str().to_owned())
-                    .or_default()
-                    .finished_at = Some(epoch);
-                if delete {
-                    r.artifacts.retain(|k| outputs.contains(k));
-                }
-                for k in outputs {
-                    if !r.artifacts.contains(k) {
-                        r.artifacts.push(k.clone());
-                    }
-                }
-                Change::Write
-            })
-            .await?;
-        Ok(match updated {
-            Updated::Written(_) => true,
-            Updated::Unchanged(r) => r.status == Status::Completed,
-            Updated::Missing => false,
-        })
-    }
-
-    /// Deletes the task's intermediate artifacts (best effort: retention removes what
-    /// remains).
-    async fn delete_intermediates(&self, ctx: &JobCtx, job: &MuxJob, outputs: &[String; 2]) {
-        let task = &ctx.task_id;
-        let mut keys: Vec<String> = [
-            names::artifact::VIDEO,
-            names::artifact::AUDIO_ORIGINAL,
-            names::artifact::AUDIO_16K,
-            names::artifact::FACE_TRACK,
-            names::artifact::AUDIO_FEATURES,
-            names::artifact::CROPS,
-        ]
-        .iter()
-        .map(|n| names::artifact_key(task, n))
-        .chain([
-            job.video.clone(),
-            job.face_track.clone(),
-            job.crops.clone(),
-            job.audio_original.clone(),
-            job.audio_16k.clone(),
-        ])
-        .chain(ctx.record.artifacts.iter().cloned())
-        .filter(|k| !outputs.contains(k))
-        .collect();
-        keys.sort();
-        keys.dedup();
-        for key in keys {
-            if let Err(e) = ctx.artifacts.delete(&key).await {
-                tracing::warn!(task_id = %task, key = %key, error = %e, "cannot delete intermediate artifact");
-            }
-        }
-    }
 }
 
 #[async_trait]
 impl Handler for MuxStage {
     type Job = MuxJob;
 
-    async fn handle(&self, ctx: JobCtx, job: MuxJob) -> Result<(), JobError> {
-        let mode = length_mode(&job.length_mode)?;
+    async fn handle(&self, ctx: JobCtx, job: MuxJob) -> Result<Outcome, JobError> {
         if job.output_frames == 0 {
             return Err(JobError::permanent(
                 ErrorCode::Internal,
@@ -266,40 +164,19 @@ impl Handler for MuxStage {
         }
         ctx.check().await?;
         ctx.progress(0.0, "mux: fetching inputs").await?;
-        let dir = match &self.scratch {
-            Some(s) => tempfile::Builder::new()
-                .prefix("lipsync-mux-")
-                .tempdir_in(s),
-            None => tempfile::Builder::new().prefix("lipsync-mux-").tempdir(),
-        }
-        .map_err(|e| JobError::transient(format!("cannot create a scratch folder: {e}")))?;
-        let d = dir.path();
         let audio_key = match self.audio {
             AudioChoice::Resampled => &job.audio_16k,
             AudioChoice::Original => &job.audio_original,
         };
-        tokio::try_join!(
-            fetch(&ctx, &job.video, "video", d.join("video")),
-            fetch(
-                &ctx,
-                &job.face_track,
-                "face track",
-                d.join("face_track.json")
-            ),
-            fetch(
-                &ctx,
-                &job.crops,
-                "generated face crops",
-                d.join("crops.mkv")
-            ),
-            fetch(&ctx, audio_key, "audio", d.join("audio")),
+        let (_, track, _, audio) = tokio::try_join!(
+            ctx.read_artifact(&job.video, "video", "video"),
+            ctx.read_artifact_bytes(&job.face_track, "face track"),
+            ctx.read_artifact(&job.crops, "crops.mkv", "generated face crops"),
+            ctx.read_artifact(audio_key, "audio", "audio"),
         )?;
-        let track: FaceTrack = serde_json::from_slice(
-            &tokio::fs::read(d.join("face_track.json"))
-                .await
-                .map_err(JobError::transient)?,
-        )
-        .map_err(|e| {
+        debug_assert!(audio.starts_with(ctx.scratch_dir()?));
+        let d = ctx.scratch_dir()?;
+        let track: FaceTrack = serde_json::from_slice(&track).map_err(|e| {
             JobError::permanent(
                 ErrorCode::Internal,
                 format!("the face track is unreadable: {e}"),
@@ -307,28 +184,26 @@ impl Handler for MuxStage {
         })?;
         ctx.progress(FETCHED, "mux: rendering").await?;
 
-        self.render(&ctx, d, track, &job, mode).await?;
+        self.render(&ctx, &d, track, &job).await?;
 
         ctx.check().await?;
         ctx.progress(RENDERED, "mux: storing outputs").await?;
-        let outputs = [
-            names::artifact_key(&ctx.task_id, names::artifact::RESULT),
-            names::artifact_key(&ctx.task_id, names::artifact::MASK),
-        ];
-        ctx.artifacts
-            .put_file(&outputs[0], &d.join(names::artifact::RESULT))
-            .await?;
-        ctx.artifacts
-            .put_file(&outputs[1], &d.join(names::artifact::MASK))
-            .await?;
-        self.write_local(&ctx.task_id, d).await?;
-        if !self.complete(&ctx, &outputs).await? {
-            return Err(JobError::Cancelled);
+        // Outputs keep their well-known keys (`/outputs/{task}/{name}`), written once:
+        // a redelivery after completion finds the task ended and never gets here.
+        let mut outputs = std::collections::BTreeMap::new();
+        for name in [names::artifact::RESULT, names::artifact::MASK] {
+            let key = names::artifact_key(&ctx.task_id, name);
+            ctx.keepalive(ctx.artifacts.put_file(&key, &d.join(name)))
+                .await??;
+            outputs.insert(name.to_owned(), key);
         }
-        if self.delete_intermediates {
-            self.delete_intermediates(&ctx, &job, &outputs).await;
-        }
-        Ok(())
+        ctx.register_artifacts(&outputs.values().cloned().collect::<Vec<_>>())
+            .await?;
+        self.write_local(&ctx.task_id, &d).await?;
+        Ok(Outcome::Complete {
+            outputs,
+            delete_intermediates: self.delete_intermediates,
+        })
     }
 }
 
@@ -339,22 +214,18 @@ mod tests {
     #[test]
     fn config_values_are_checked() {
         let ok = MuxConfig::default();
-        assert!(MuxStage::new(&ok, None).is_ok());
+        assert!(MuxStage::new(&ok).is_ok());
         let bad_audio = MuxConfig {
             audio: "stereo".into(),
             ..MuxConfig::default()
         };
-        assert!(
-            MuxStage::new(&bad_audio, None)
-                .unwrap_err()
-                .contains("mux.audio")
-        );
+        assert!(MuxStage::new(&bad_audio).unwrap_err().contains("mux.audio"));
         let bad_preset = MuxConfig {
             preset: "turbo".into(),
             ..MuxConfig::default()
         };
         assert!(
-            MuxStage::new(&bad_preset, None)
+            MuxStage::new(&bad_preset)
                 .unwrap_err()
                 .contains("mux.preset")
         );
@@ -362,18 +233,6 @@ mod tests {
             crf: 60,
             ..MuxConfig::default()
         };
-        assert!(
-            MuxStage::new(&bad_crf, None)
-                .unwrap_err()
-                .contains("mux.crf")
-        );
-    }
-
-    #[test]
-    fn length_modes_parse() {
-        assert_eq!(length_mode("pingpong").unwrap(), LengthMode::Pingpong);
-        assert_eq!(length_mode("loop").unwrap(), LengthMode::Loop);
-        assert_eq!(length_mode("cut").unwrap(), LengthMode::Cut);
-        assert!(length_mode("bounce").is_err());
+        assert!(MuxStage::new(&bad_crf).unwrap_err().contains("mux.crf"));
     }
 }

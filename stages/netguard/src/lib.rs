@@ -1,9 +1,10 @@
-//! SSRF guard for outgoing HTTP requests (input downloads, webhooks).
+//! lipsync network guard: the URL policy and SSRF guard of every outgoing HTTP request
+//! (input downloads of the fetch stage, webhooks and URL checks of the gateway).
 //!
 //! Three layers, all driven by one [`UrlPolicy`]:
 //!
 //! 1. [`UrlPolicy::check_url`] vets a URL before any request is made: scheme (http/https
-//!    only), length, userinfo, host present, and, when the host is an IP literal, the
+//!    only), length, userinfo, port (allow-list), host present, and, when the host is an IP literal, the
 //!    address itself. The `url` crate normalises the odd spellings of IPv4 (`2130706433`,
 //!    `0x7f000001`, `127.1`, `0177.0.0.1`) and IPv6 (`[::ffff:127.0.0.1]`), so those are
 //!    classified like `127.0.0.1`.
@@ -20,9 +21,16 @@
 //! [`GuardedClient::check_url`]): reqwest connects to an IP-literal host without asking
 //! the resolver, so the first URL has to be checked before the request is sent.
 //!
-//! `allow_private_networks = true` opens everything except the well-known cloud metadata
-//! addresses (tests, local demos). `allow_cidrs` opens exact ranges and is the only way to
-//! reach a metadata address.
+//! `allow_private_networks = true` opens every address and port except the well-known
+//! cloud metadata addresses (tests, local demos). `allow_cidrs` opens exact ranges and is
+//! the only way to reach a metadata address (the Azure wire server 168.63.129.16 included,
+//! although it is a public address).
+//!
+//! Addresses inside a NAT64 prefix (`nat64_prefixes`, default the well-known
+//! `64:ff9b::/96`) are judged by the IPv4 address they embed.
+//!
+//! Refusal messages never name the address a host name resolved to (they end up in task
+//! error messages that clients read); the address is logged at debug level only.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -41,7 +49,13 @@ pub const CODE_URL_NOT_ALLOWED: &str = "url_not_allowed";
 const SUPPORTED_SCHEMES: [&str; 2] = ["http", "https"];
 
 /// User agent of every guarded client.
-pub const USER_AGENT: &str = concat!("lipsync-fetch/", env!("CARGO_PKG_VERSION"));
+pub const USER_AGENT: &str = concat!("lipsync/", env!("CARGO_PKG_VERSION"));
+
+/// Ports allowed by default.
+pub const DEFAULT_PORTS: [u16; 2] = [80, 443];
+
+/// The well-known NAT64 prefix (RFC 6052).
+pub const WELL_KNOWN_NAT64: &str = "64:ff9b::/96";
 
 /// Why a URL, a host or an address was refused (or could not be vetted).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,13 +75,19 @@ pub enum GuardError {
     /// No host, or an empty one.
     #[error("the URL has no host")]
     MissingHost,
-    /// The host is (or resolves only to) an address the policy forbids.
-    #[error("the address {ip} of host '{host}' is not allowed ({reason})")]
+    /// The host is (or resolves only to) an address the policy forbids. `ip` is for logs
+    /// and tests: the message shows it only when the URL itself holds that IP literal.
+    #[error("{}", address_refusal(host, *resolved, reason))]
     AddressNotAllowed {
         host: String,
         ip: IpAddr,
         reason: &'static str,
+        /// Whether `ip` came from name resolution (then the message does not show it).
+        resolved: bool,
     },
+    /// The port is not in the allow-list.
+    #[error("port {port} is not allowed; allowed ports: {allowed}")]
+    PortNotAllowed { port: u16, allowed: String },
     /// Host-name resolution failed (not a policy refusal: maps to `download_failed`).
     #[error("could not resolve host '{host}': {reason}")]
     ResolveFailed { host: String, reason: String },
@@ -90,6 +110,7 @@ impl GuardError {
                 | Self::UserinfoNotAllowed
                 | Self::MissingHost
                 | Self::AddressNotAllowed { .. }
+                | Self::PortNotAllowed { .. }
         )
     }
 
@@ -114,6 +135,14 @@ impl GuardError {
             cur = e.source();
         }
         None
+    }
+}
+
+fn address_refusal(host: &str, resolved: bool, reason: &str) -> String {
+    if resolved {
+        format!("host '{host}' resolves only to addresses that are not allowed ({reason})")
+    } else {
+        format!("the address {host} is not allowed ({reason})")
     }
 }
 
@@ -218,6 +247,12 @@ pub struct UrlPolicy {
     pub max_url_len: usize,
     /// Allowed schemes, a subset of http/https.
     pub allowed_schemes: Vec<String>,
+    /// Allowed destination ports (the URL's port, or 80/443 by scheme). Empty: any port.
+    /// Not enforced when `allow_private_networks` is on.
+    pub allowed_ports: Vec<u16>,
+    /// NAT64 prefixes (/96 only): an address inside one is judged by the IPv4 address in
+    /// its last 32 bits.
+    pub nat64_prefixes: Vec<IpNet>,
 }
 
 impl Default for UrlPolicy {
@@ -227,6 +262,8 @@ impl Default for UrlPolicy {
             allow_cidrs: Vec::new(),
             max_url_len: 2048,
             allowed_schemes: SUPPORTED_SCHEMES.iter().map(|s| s.to_string()).collect(),
+            allowed_ports: DEFAULT_PORTS.to_vec(),
+            nat64_prefixes: vec![well_known_nat64()],
         }
     }
 }
@@ -256,7 +293,72 @@ impl Default for ClientOptions {
     }
 }
 
+fn well_known_nat64() -> IpNet {
+    IpNet {
+        addr: IpAddr::V6(v6([0x64, 0xff9b, 0, 0, 0, 0, 0, 0])),
+        prefix: 96,
+    }
+}
+
+/// The configuration keys a [`UrlPolicy`] is built from (one config section, e.g. the
+/// fetch stage's download policy or the gateway's webhook policy).
+#[derive(Debug, Clone, Copy)]
+pub struct PolicySettings<'a> {
+    /// Key prefix named in error messages, e.g. `fetch` or `gateway.webhook`.
+    pub section: &'a str,
+    /// See [`UrlPolicy::allow_private_networks`].
+    pub allow_private_networks: bool,
+    /// CIDR strings, see [`UrlPolicy::allow_cidrs`].
+    pub allow_cidrs: &'a [String],
+    /// See [`UrlPolicy::allowed_ports`].
+    pub allowed_ports: &'a [u16],
+    /// /96 prefixes as CIDR strings, see [`UrlPolicy::nat64_prefixes`].
+    pub nat64_prefixes: &'a [String],
+    /// See [`UrlPolicy::max_url_len`].
+    pub max_url_len: usize,
+}
+
 impl UrlPolicy {
+    /// Build a policy from configuration values; errors name the bad key.
+    pub fn from_settings(s: &PolicySettings<'_>) -> Result<Self, String> {
+        let cidr_key = if s.section.ends_with("webhook") {
+            format!("{}_allow_cidrs", s.section)
+        } else {
+            format!("{}.allow_cidrs", s.section)
+        };
+        let mut allow_cidrs = Vec::new();
+        for c in s.allow_cidrs {
+            allow_cidrs.push(
+                c.parse::<IpNet>()
+                    .map_err(|e| format!("{cidr_key}: `{c}`: {e}"))?,
+            );
+        }
+        let mut nat64_prefixes = Vec::new();
+        for c in s.nat64_prefixes {
+            let net = c
+                .parse::<IpNet>()
+                .map_err(|e| format!("{}.nat64_prefixes: `{c}`: {e}", s.section))?;
+            if !net.addr.is_ipv6() || net.prefix != 96 {
+                return Err(format!(
+                    "{}.nat64_prefixes: `{c}`: only IPv6 /96 prefixes are supported",
+                    s.section
+                ));
+            }
+            nat64_prefixes.push(net);
+        }
+        if s.allowed_ports.contains(&0) {
+            return Err(format!("{}: port 0 in the allowed ports", s.section));
+        }
+        Ok(Self {
+            allow_private_networks: s.allow_private_networks,
+            allow_cidrs,
+            max_url_len: s.max_url_len,
+            allowed_ports: s.allowed_ports.to_vec(),
+            nat64_prefixes,
+            ..Self::default()
+        })
+    }
+
     /// Policy that allows private networks (tests, local demos).
     pub fn permissive() -> Self {
         Self {
@@ -308,6 +410,19 @@ impl UrlPolicy {
         if !url.username().is_empty() || url.password().is_some() {
             return Err(GuardError::UserinfoNotAllowed);
         }
+        if let Some(port) = url.port_or_known_default()
+            && !self.port_allowed(port)
+        {
+            return Err(GuardError::PortNotAllowed {
+                port,
+                allowed: self
+                    .allowed_ports
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
         match url.host() {
             None => Err(GuardError::MissingHost),
             Some(Host::Domain(d)) if d.is_empty() || d == "." => Err(GuardError::MissingHost),
@@ -317,15 +432,25 @@ impl UrlPolicy {
         }
     }
 
+    /// Whether the port allow-list lets `port` through.
+    pub fn port_allowed(&self, port: u16) -> bool {
+        self.allow_private_networks
+            || self.allowed_ports.is_empty()
+            || self.allowed_ports.contains(&port)
+    }
+
     /// Whether the policy allows connecting to `ip`; on refusal, why.
     pub fn ip_refusal(&self, ip: IpAddr) -> Option<&'static str> {
         if self.allow_cidrs.iter().any(|net| net.contains(ip)) {
             return None;
         }
-        if self.allow_private_networks {
-            return is_cloud_metadata(ip).then_some("cloud metadata endpoint");
+        if is_cloud_metadata_with(ip, &self.nat64_prefixes) {
+            return Some("cloud metadata endpoint");
         }
-        forbidden_reason(ip)
+        if self.allow_private_networks {
+            return None;
+        }
+        forbidden_reason_with(ip, &self.nat64_prefixes)
     }
 
     fn check_ip(&self, host: &str, ip: IpAddr) -> Result<(), GuardError> {
@@ -335,6 +460,7 @@ impl UrlPolicy {
                 host: host.to_string(),
                 ip,
                 reason,
+                resolved: false,
             }),
         }
     }
@@ -466,6 +592,7 @@ async fn resolve_allowed(policy: &UrlPolicy, host: &str) -> Result<Vec<SocketAdd
             host: host.to_string(),
             ip,
             reason,
+            resolved: true,
         },
         None => GuardError::ResolveFailed {
             host: host.to_string(),
@@ -491,12 +618,28 @@ pub fn is_forbidden(ip: IpAddr) -> bool {
     forbidden_reason(ip).is_some()
 }
 
-/// Why an address is forbidden (`None` for a public unicast address).
+/// Why an address is forbidden (`None` for a public unicast address), with the
+/// well-known NAT64 prefix. Cloud metadata addresses that are public (the Azure wire
+/// server) are not "forbidden" here: [`UrlPolicy::ip_refusal`] refuses them separately.
 pub fn forbidden_reason(ip: IpAddr) -> Option<&'static str> {
+    forbidden_reason_with(ip, &[well_known_nat64()])
+}
+
+/// [`forbidden_reason`] with the given NAT64 prefixes.
+pub fn forbidden_reason_with(ip: IpAddr, nat64: &[IpNet]) -> Option<&'static str> {
     match ip {
         IpAddr::V4(v4) => v4_reason(v4),
-        IpAddr::V6(v6) => v6_reason(v6),
+        IpAddr::V6(v6) => v6_reason(v6, nat64),
     }
+}
+
+/// Whether `ip` is a well-known cloud metadata endpoint (in any IPv6 spelling of it).
+pub fn is_cloud_metadata(ip: IpAddr) -> bool {
+    is_cloud_metadata_with(ip, &[well_known_nat64()])
+}
+
+fn in_nat64(ip: Ipv6Addr, nat64: &[IpNet]) -> bool {
+    nat64.iter().any(|n| n.contains(IpAddr::V6(ip)))
 }
 
 fn mask32(prefix: u8) -> u32 {
@@ -592,15 +735,15 @@ const V6_GLOBAL_EXCEPTIONS: &[(Ipv6Addr, u8)] = &[
     (v6([0x2001, 0x20, 0, 0, 0, 0, 0, 0]), 28),
 ];
 
-fn v6_reason(ip: Ipv6Addr) -> Option<&'static str> {
+fn v6_reason(ip: Ipv6Addr, nat64: &[IpNet]) -> Option<&'static str> {
     let bits = u128::from(ip);
     let low32 = Ipv4Addr::from((bits & 0xffff_ffff) as u32);
     // IPv4-mapped ::ffff:0:0/96: exactly the embedded IPv4's verdict.
     if in_v6(ip, v6([0, 0, 0, 0, 0, 0xffff, 0, 0]), 96) {
         return v4_reason(low32).map(|_| "IPv4-mapped address of a forbidden IPv4 address");
     }
-    // NAT64 well-known prefix 64:ff9b::/96.
-    if in_v6(ip, v6([0x64, 0xff9b, 0, 0, 0, 0, 0, 0]), 96) {
+    // NAT64 prefixes (the well-known 64:ff9b::/96 by default).
+    if in_nat64(ip, nat64) {
         return v4_reason(low32).map(|_| "NAT64 address of a forbidden IPv4 address");
     }
     // 6to4 2002::/16: the IPv4 is in bits 16..48.
@@ -628,16 +771,27 @@ fn v6_reason(ip: Ipv6Addr) -> Option<&'static str> {
     None
 }
 
-/// Well-known cloud metadata endpoints (AWS/GCP/Azure/OCI, AWS ECS, AWS IPv6, Alibaba).
-fn is_cloud_metadata(ip: IpAddr) -> bool {
-    const META: &[IpAddr] = &[
-        IpAddr::V4(v4(169, 254, 169, 254)),
-        IpAddr::V4(v4(169, 254, 170, 2)),
-        IpAddr::V4(v4(169, 254, 169, 253)),
-        IpAddr::V4(v4(100, 100, 100, 200)),
-        IpAddr::V6(v6([0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254])),
-        IpAddr::V6(v6([0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23])),
-    ];
+/// Well-known cloud metadata and host-agent endpoints: the instance metadata address
+/// of AWS/GCP/Azure/OCI/OpenStack/DigitalOcean, AWS ECS task metadata, AWS DNS and time,
+/// the Azure wire server (a public address), OCI's legacy metadata, Alibaba, Tencent,
+/// and the IPv6 metadata addresses of AWS and GCP.
+const META: &[IpAddr] = &[
+    IpAddr::V4(v4(169, 254, 169, 254)),
+    IpAddr::V4(v4(169, 254, 170, 2)),
+    IpAddr::V4(v4(169, 254, 170, 23)),
+    IpAddr::V4(v4(169, 254, 169, 253)),
+    IpAddr::V4(v4(169, 254, 169, 123)),
+    IpAddr::V4(v4(168, 63, 129, 16)),
+    IpAddr::V4(v4(192, 0, 0, 192)),
+    IpAddr::V4(v4(100, 100, 100, 200)),
+    IpAddr::V4(v4(169, 254, 0, 23)),
+    IpAddr::V6(v6([0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254])),
+    IpAddr::V6(v6([0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23])),
+    IpAddr::V6(v6([0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x123])),
+    IpAddr::V6(v6([0xfd20, 0xce, 0, 0, 0, 0, 0, 0x254])),
+];
+
+fn is_cloud_metadata_with(ip: IpAddr, nat64: &[IpNet]) -> bool {
     let canonical = ip.to_canonical();
     if META.contains(&canonical) {
         return true;
@@ -647,8 +801,7 @@ fn is_cloud_metadata(ip: IpAddr) -> bool {
         let bits = u128::from(v6addr);
         let low32 = IpAddr::V4(Ipv4Addr::from((bits & 0xffff_ffff) as u32));
         let sixto4 = IpAddr::V4(Ipv4Addr::from(((bits >> 80) & 0xffff_ffff) as u32));
-        if (in_v6(v6addr, v6([0x64, 0xff9b, 0, 0, 0, 0, 0, 0]), 96)
-            || in_v6(v6addr, Ipv6Addr::UNSPECIFIED, 96))
+        if (in_nat64(v6addr, nat64) || in_v6(v6addr, Ipv6Addr::UNSPECIFIED, 96))
             && META.contains(&low32)
         {
             return true;
@@ -835,6 +988,7 @@ mod tests {
     fn allow_cidrs_open_exact_ranges_only() {
         let p = UrlPolicy {
             allow_cidrs: vec!["127.0.0.2/32".parse().unwrap()],
+            allowed_ports: Vec::new(),
             ..UrlPolicy::default()
         };
         assert!(p.check_url("http://127.0.0.2:9000/").is_ok());
@@ -868,5 +1022,127 @@ mod tests {
             .code(),
             "download_failed"
         );
+    }
+
+    #[test]
+    fn metadata_addresses_are_refused_in_every_mode() {
+        for p in [UrlPolicy::default(), UrlPolicy::permissive()] {
+            for u in [
+                "http://168.63.129.16/machine",
+                "http://[::ffff:168.63.129.16]/",
+                "http://[64:ff9b::a83f:8110]/",
+                "http://169.254.170.2/v2/credentials",
+                "http://100.100.100.200/latest/meta-data/",
+                "http://[fd20:ce::254]/",
+                "http://169.254.169.254/",
+            ] {
+                match p.check_url(u) {
+                    Err(GuardError::AddressNotAllowed { reason, .. }) => {
+                        assert_eq!(reason, "cloud metadata endpoint", "{u}")
+                    }
+                    other => panic!("{u}: {other:?}"),
+                }
+            }
+        }
+        // allow_cidrs is the only way in.
+        let open = UrlPolicy {
+            allow_cidrs: vec!["168.63.129.16/32".parse().unwrap()],
+            ..UrlPolicy::default()
+        };
+        assert!(open.check_url("http://168.63.129.16/").is_ok());
+    }
+
+    #[test]
+    fn ports_are_checked_against_the_allow_list() {
+        let p = UrlPolicy::default();
+        assert!(p.check_url("http://93.184.216.34/a").is_ok());
+        assert!(p.check_url("https://93.184.216.34:443/a").is_ok());
+        assert!(p.check_url("http://example.com:80/a").is_ok());
+        for u in [
+            "http://93.184.216.34:6379/",
+            "https://example.com:8443/a",
+            "http://example.com:22/",
+        ] {
+            let e = p.check_url(u).unwrap_err();
+            assert!(matches!(e, GuardError::PortNotAllowed { .. }), "{u}: {e:?}");
+            assert_eq!(e.code(), CODE_URL_NOT_ALLOWED);
+        }
+        let extra = UrlPolicy {
+            allowed_ports: vec![80, 443, 8443],
+            ..UrlPolicy::default()
+        };
+        assert!(extra.check_url("https://example.com:8443/a").is_ok());
+        let any = UrlPolicy {
+            allowed_ports: Vec::new(),
+            ..UrlPolicy::default()
+        };
+        assert!(any.check_url("https://example.com:8443/a").is_ok());
+        assert!(
+            UrlPolicy::permissive()
+                .check_url("http://127.0.0.1:9000/")
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn configured_nat64_prefixes_embed_ipv4() {
+        let settings = |nat64: &[String]| {
+            UrlPolicy::from_settings(&PolicySettings {
+                section: "fetch",
+                allow_private_networks: false,
+                allow_cidrs: &[],
+                allowed_ports: &DEFAULT_PORTS,
+                nat64_prefixes: nat64,
+                max_url_len: 2048,
+            })
+        };
+        let p = settings(&["2001:db8:64::/96".into(), WELL_KNOWN_NAT64.into()]).unwrap();
+        // 2001:db8:64::7f00:1 = NAT64 of 127.0.0.1 under the configured prefix.
+        match p.check_url("http://[2001:db8:64::7f00:1]/") {
+            Err(GuardError::AddressNotAllowed { reason, .. }) => {
+                assert!(reason.starts_with("NAT64"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(p.ip_refusal(ip("64:ff9b::a9fe:a9fe")).is_some());
+        // A public IPv4 behind the configured prefix is still refused here only because
+        // 2001:db8::/32 is documentation space; a public prefix passes through.
+        let q = settings(&["2a00:1098:2c::/96".into()]).unwrap();
+        assert_eq!(q.ip_refusal(ip("2a00:1098:2c::808:808")), None);
+        assert!(q.ip_refusal(ip("2a00:1098:2c::a00:1")).is_some());
+        assert!(q.ip_refusal(ip("2a00:1098:2c::a83f:8110")).is_some());
+        assert!(settings(&["2001:db8::/64".into()]).is_err());
+        assert!(settings(&["10.0.0.0/8".into()]).is_err());
+    }
+
+    #[test]
+    fn refusals_of_host_names_do_not_show_the_resolved_address() {
+        let e = GuardError::AddressNotAllowed {
+            host: "internal.example".into(),
+            ip: ip("10.1.2.3"),
+            reason: "private network",
+            resolved: true,
+        };
+        let msg = e.to_string();
+        assert!(!msg.contains("10.1.2.3"), "{msg}");
+        assert!(msg.contains("internal.example"), "{msg}");
+        let lit = UrlPolicy::default()
+            .check_url("http://10.1.2.3/")
+            .unwrap_err();
+        assert!(lit.to_string().contains("10.1.2.3"), "{lit}");
+    }
+
+    #[test]
+    fn settings_name_the_bad_key() {
+        let e = UrlPolicy::from_settings(&PolicySettings {
+            section: "gateway.webhook",
+            allow_private_networks: false,
+            allow_cidrs: &["nope".into()],
+            allowed_ports: &DEFAULT_PORTS,
+            nat64_prefixes: &[],
+            max_url_len: 2048,
+        })
+        .unwrap_err();
+        assert!(e.starts_with("gateway.webhook_allow_cidrs"), "{e}");
     }
 }

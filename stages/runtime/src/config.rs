@@ -59,8 +59,10 @@ pub struct NatsConfig {
     pub connect_timeout_s: u64,
     /// Stream/bucket replicas: 1 for a single server, 3 in a cluster. Default 1.
     pub replicas: usize,
-    /// Most messages the work stream holds; a full stream rejects new work (503).
-    /// Default 10000.
+    /// Admission limit: `POST /sync` answers 503 while the work stream holds this many
+    /// messages. Every accepted, unfinished task holds one to three messages, so the
+    /// stream itself is sized `3 x max_queued_jobs + 64` and hand-offs between the stages
+    /// of accepted tasks always have room. Default 10000.
     pub max_queued_jobs: i64,
     /// Seconds a delivered job may go without an ack or progress ack before redelivery.
     /// Default 60.
@@ -69,6 +71,49 @@ pub struct NatsConfig {
     pub max_deliver: i64,
     /// Duplicate window of the work stream in seconds (Msg-Id dedup). Default 600.
     pub duplicate_window_s: u64,
+    /// Whether this process changes existing streams and consumers whose settings differ
+    /// from this configuration. Missing objects are always created; with `false` a
+    /// difference is only reported. Set it on one process of a deployment (the gateway
+    /// in the shipped manifests) so replicas never flip-flop shared settings.
+    /// Default false.
+    pub apply_topology: bool,
+    /// Cluster-wide ceiling of fetch jobs in flight (the consumer's `max_ack_pending`,
+    /// shared by every replica; each process takes only as many as its own permits).
+    /// Default 1024.
+    pub fetch_max_in_flight: i64,
+    /// Cluster-wide ceiling of face jobs in flight. Default 1024.
+    pub face_max_in_flight: i64,
+    /// Cluster-wide ceiling of audio jobs in flight. Default 1024.
+    pub audio_max_in_flight: i64,
+    /// Cluster-wide ceiling of inference jobs in flight: at least the number of GPUs of
+    /// the whole deployment. Default 256.
+    pub infer_max_in_flight: i64,
+    /// Cluster-wide ceiling of mux jobs in flight. Default 1024.
+    pub mux_max_in_flight: i64,
+}
+
+impl NatsConfig {
+    /// The cluster-wide in-flight ceiling of `stage` (its consumer's `max_ack_pending`).
+    pub fn max_in_flight(&self, stage: lipsync_schemas::Stage) -> i64 {
+        use lipsync_schemas::Stage;
+        match stage {
+            Stage::Fetch => self.fetch_max_in_flight,
+            Stage::Face => self.face_max_in_flight,
+            Stage::Audio => self.audio_max_in_flight,
+            Stage::Infer => self.infer_max_in_flight,
+            Stage::Mux => self.mux_max_in_flight,
+        }
+    }
+
+    /// Hard message limit of the work stream: room for every accepted task's hand-offs
+    /// above the admission limit (`-1`: none).
+    pub fn work_stream_max_messages(&self) -> i64 {
+        if self.max_queued_jobs <= 0 {
+            -1
+        } else {
+            self.max_queued_jobs.saturating_mul(3).saturating_add(64)
+        }
+    }
 }
 
 impl Default for NatsConfig {
@@ -81,6 +126,12 @@ impl Default for NatsConfig {
             ack_wait_s: 60,
             max_deliver: 5,
             duplicate_window_s: 600,
+            apply_topology: false,
+            fetch_max_in_flight: 1024,
+            face_max_in_flight: 1024,
+            audio_max_in_flight: 1024,
+            infer_max_in_flight: 256,
+            mux_max_in_flight: 1024,
         }
     }
 }
@@ -131,6 +182,24 @@ pub struct RunnerConfig {
     pub pull_expires_s: u64,
     /// Minimum milliseconds between two progress writes of one job. Default 500.
     pub progress_interval_ms: u64,
+    /// A job that reports no progress for this many seconds is aborted (its tool
+    /// processes killed) and retried. Must be below `nats.ack_wait_s`, since a job
+    /// without progress also sends no in-progress acks. 0: three quarters of
+    /// `nats.ack_wait_s`. Default 0.
+    pub stall_timeout_s: f64,
+}
+
+impl RunnerConfig {
+    /// The effective stall timeout for an `ack_wait_s`.
+    pub fn stall_timeout(&self, ack_wait_s: u64) -> std::time::Duration {
+        let ack = ack_wait_s.max(1) as f64;
+        let s = if self.stall_timeout_s > 0.0 {
+            self.stall_timeout_s.min(ack * 0.95)
+        } else {
+            ack * 0.75
+        };
+        std::time::Duration::from_secs_f64(s)
+    }
 }
 
 impl Default for RunnerConfig {
@@ -141,6 +210,7 @@ impl Default for RunnerConfig {
             shutdown_grace_s: 20,
             pull_expires_s: 5,
             progress_interval_ms: 500,
+            stall_timeout_s: 0.0,
         }
     }
 }
@@ -213,6 +283,12 @@ pub struct FetchConfig {
     pub total_timeout_s: u64,
     /// Redirects followed at most. Default 5.
     pub max_redirects: usize,
+    /// Ports downloads may reach (empty: any; not enforced with
+    /// `allow_private_networks`). Default 80, 443.
+    pub allowed_ports: Vec<u16>,
+    /// NAT64 prefixes (IPv6 /96) whose addresses are judged by the IPv4 address they
+    /// embed (also used for webhooks). Default `64:ff9b::/96`.
+    pub nat64_prefixes: Vec<String>,
     /// Longest URL accepted. Default 2048.
     pub max_url_len: usize,
     /// Longest accepted input duration in seconds. Default 600.
@@ -250,6 +326,8 @@ impl Default for FetchConfig {
             read_timeout_s: 30,
             total_timeout_s: 600,
             max_redirects: 5,
+            allowed_ports: vec![80, 443],
+            nat64_prefixes: vec!["64:ff9b::/96".into()],
             max_url_len: 2048,
             max_duration_s: 600.0,
             min_audio_duration_s: 0.5,
@@ -270,8 +348,83 @@ impl Default for FetchConfig {
 pub struct GatewayConfig {
     /// Address the API listens on. Default `0.0.0.0:8000` (the seed's port).
     pub listen: SocketAddr,
-    /// Bearer API keys; empty means the API is open (a warning is logged).
+    /// Plain bearer API keys of tenant `default` with role `user` (the keys of earlier
+    /// versions). With no key configured at all (`api_keys`, `keys`, `api_keys_file`) the
+    /// API is open, as the seed's server (a warning is logged). Default none.
     pub api_keys: Vec<String>,
+    /// API keys with a tenant and a role (`user` sees and manages only its tenant's tasks;
+    /// `admin` sees all, `/ws` and, when `metrics_require_admin`, `/metrics`). Each entry
+    /// gives exactly one of `key` (plain), `key_sha256` (hex SHA-256 of the key) or
+    /// `key_file` (a file holding the key). Default none.
+    pub keys: Vec<ApiKeyConfig>,
+    /// File of further keys, one per line: `<tenant> <user|admin> <key>` or
+    /// `<tenant> <user|admin> sha256:<hex>`; `#` starts a comment (for Kubernetes
+    /// Secrets). Read at start-up. Default none.
+    pub api_keys_file: Option<PathBuf>,
+    /// Most tasks one tenant may have queued (not yet started) at once; more gets 429
+    /// with `Retry-After`. 0 = no limit. Applies only when keys are configured. Default 100.
+    pub tenant_max_queued: u32,
+    /// Most tasks one tenant may have processing at once (counted at submit); more gets
+    /// 429. 0 = no limit. Applies only when keys are configured. Default 20.
+    pub tenant_max_in_flight: u32,
+    /// Failed authentications allowed per client address per minute; beyond, 429 with
+    /// `Retry-After`. 0 = no limit. Default 10.
+    pub auth_failures_per_min: u32,
+    /// Longest time a client may take to send a request's headers (slowloris guard), in
+    /// seconds. Default 10.
+    pub header_read_timeout_s: u64,
+    /// A connection with no bytes read or written for this long is closed, in seconds
+    /// (WebSockets stay alive through their pings). Default 120.
+    pub idle_timeout_s: u64,
+    /// Most open client connections; further ones wait in the listen backlog. Default 4096.
+    pub max_connections: usize,
+    /// Most requests handled at once; further ones wait. Default 1024.
+    pub max_concurrent_requests: usize,
+    /// Most fields of a multipart body. Default 16.
+    pub multipart_max_fields: usize,
+    /// Whole-upload time limit of a multipart body in seconds (slow uploads end with 408).
+    /// Default 3600.
+    pub upload_timeout_s: u64,
+    /// Largest WebSocket message a client may send, in bytes (clients send nothing large);
+    /// a larger one closes the socket with 1009. Default 4096.
+    pub ws_max_message_bytes: usize,
+    /// Most open WebSockets per API key (or per client address when open). Default 64.
+    pub ws_max_per_key: usize,
+    /// Most open WebSockets in total. Default 10000.
+    pub ws_max_total: usize,
+    /// Seconds between WebSocket pings; a peer that has not answered the previous ping
+    /// by the next one is closed. Default 30.
+    pub ws_ping_interval_s: u64,
+    /// Serve `/metrics` on this separate address instead of the API port. Default unset
+    /// (on the API port).
+    pub metrics_listen: Option<SocketAddr>,
+    /// On the API port, `/metrics` needs an admin key (when keys are configured).
+    /// Default false.
+    pub metrics_require_admin: bool,
+    /// Origins (`scheme://host[:port]`) allowed to send state-changing requests and open
+    /// WebSockets from a browser, besides the server's own origin and `cors_origins`;
+    /// `*` allows any. Requests without an `Origin` header (non-browser clients) pass.
+    /// Default none.
+    pub allowed_origins: Vec<String>,
+    /// `/readyz` answers 503 unless every stage has a live consumer (else it only reports
+    /// them). Default false.
+    pub readyz_requires_stages: bool,
+    /// One log line per request (method, route, status, duration, request id). Default true.
+    pub access_log: bool,
+    /// Largest page of `GET /tasks`. Default 100.
+    pub list_max_limit: usize,
+    /// `inference_ckpt_path` values taken as the default model (the seed guide's checkpoint
+    /// paths); nothing is ever read from them. Default `checkpoints/unet.ckpt`,
+    /// `checkpoints/latentsync_unet.pt`.
+    pub model_aliases: Vec<String>,
+    /// File holding the webhook secret (wins over `webhook_secret`). Default unset.
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Allow webhooks to loopback/private addresses (tests, local demos). Default false.
+    pub webhook_allow_private_networks: bool,
+    /// Networks webhooks may reach despite the private-address guard, as CIDRs. Default none.
+    pub webhook_allow_cidrs: Vec<String>,
+    /// Ports webhooks may reach (empty: any). Default 80, 443.
+    pub webhook_allowed_ports: Vec<u16>,
     /// Largest JSON request body in bytes. Default 65536.
     pub max_json_body_bytes: usize,
     /// Largest multipart upload (both files) in bytes. Default 2 GiB.
@@ -306,6 +459,35 @@ impl Default for GatewayConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
             api_keys: Vec::new(),
+            keys: Vec::new(),
+            api_keys_file: None,
+            tenant_max_queued: 100,
+            tenant_max_in_flight: 20,
+            auth_failures_per_min: 10,
+            header_read_timeout_s: 10,
+            idle_timeout_s: 120,
+            max_connections: 4096,
+            max_concurrent_requests: 1024,
+            multipart_max_fields: 16,
+            upload_timeout_s: 3600,
+            ws_max_message_bytes: 4096,
+            ws_max_per_key: 64,
+            ws_max_total: 10_000,
+            ws_ping_interval_s: 30,
+            metrics_listen: None,
+            metrics_require_admin: false,
+            allowed_origins: Vec::new(),
+            readyz_requires_stages: false,
+            access_log: true,
+            list_max_limit: 100,
+            model_aliases: vec![
+                "checkpoints/unet.ckpt".into(),
+                "checkpoints/latentsync_unet.pt".into(),
+            ],
+            webhook_secret_file: None,
+            webhook_allow_private_networks: false,
+            webhook_allow_cidrs: Vec::new(),
+            webhook_allowed_ports: vec![80, 443],
             max_json_body_bytes: 64 * 1024,
             max_upload_bytes: 2 << 30,
             rate_limit_per_s: 0,
@@ -324,6 +506,36 @@ impl Default for GatewayConfig {
             request_timeout_s: 30,
         }
     }
+}
+
+/// Role of an API key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyRole {
+    /// Sees and manages its tenant's tasks only.
+    #[default]
+    User,
+    /// Operator: every task, `/ws`, metrics.
+    Admin,
+}
+
+/// One API key of `gateway.keys`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiKeyConfig {
+    /// Tenant the key belongs to (tasks are owned by tenants).
+    pub tenant: String,
+    /// `user` or `admin`. Default `user`.
+    pub role: KeyRole,
+    /// The key itself.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub key: String,
+    /// Hex SHA-256 of the key (keeps the key out of the config).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub key_sha256: String,
+    /// File holding the key (trailing whitespace ignored).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
 }
 
 /// Command-line flags every binary accepts.
@@ -397,6 +609,53 @@ fn set_flag_toml(key: &str, value: &str) -> String {
     }
 }
 
+/// Text that replaces a secret in `--print-config`.
+pub const REDACTED: &str = "<redacted>";
+
+/// Replace every non-empty secret in a configuration value (API keys and their hashes,
+/// secrets, passwords, tokens, credentials in URLs) with [`REDACTED`]; file paths of
+/// secrets (`*_file`) stay visible.
+pub fn redact_secrets(v: &mut toml::Value) {
+    fn secret_key(k: &str) -> bool {
+        !k.ends_with("_file")
+            && (k == "key"
+                || k == "api_keys"
+                || k.starts_with("key_")
+                || ["secret", "password", "token"]
+                    .iter()
+                    .any(|w| k.contains(w)))
+    }
+    fn blank(v: &mut toml::Value) {
+        match v {
+            toml::Value::String(s) if !s.is_empty() => *s = REDACTED.into(),
+            toml::Value::Array(a) => a.iter_mut().for_each(blank),
+            _ => {}
+        }
+    }
+    match v {
+        toml::Value::Table(t) => {
+            for (k, val) in t.iter_mut() {
+                if secret_key(k) {
+                    blank(val);
+                } else {
+                    redact_secrets(val);
+                }
+            }
+        }
+        toml::Value::Array(a) => a.iter_mut().for_each(redact_secrets),
+        toml::Value::String(s) => {
+            // user:password@ in URLs (e.g. nats.url).
+            if let Some((scheme, rest)) = s.split_once("://")
+                && let Some((userinfo, host)) = rest.split_once('@')
+                && !userinfo.contains('/')
+            {
+                *s = format!("{scheme}://{REDACTED}@{host}");
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Load the configuration or exit: prints the effective config and exits 0 on
 /// `--print-config`, prints the problem and exits 64 on an invalid one.
 pub fn load_or_exit<C>(args: &ConfigArgs) -> C
@@ -406,7 +665,11 @@ where
     match load::<C>(args) {
         Ok(cfg) => {
             if args.print_config {
-                match toml::to_string_pretty(&cfg) {
+                let printed = toml::Value::try_from(&cfg).map(|mut v| {
+                    redact_secrets(&mut v);
+                    v
+                });
+                match printed.and_then(|v| toml::to_string_pretty(&v)) {
                     Ok(s) => {
                         print!("{s}");
                         std::process::exit(0);
@@ -442,6 +705,27 @@ mod tests {
             cfg == Config::default(),
             "configs/default.toml is out of date: run scripts/gen-default-config.py"
         );
+    }
+
+    #[test]
+    fn printed_config_redacts_secrets() {
+        let mut cfg = Config::default();
+        cfg.gateway.api_keys = vec!["plain-key-1".into()];
+        cfg.gateway.webhook_secret = "hook-secret".into();
+        cfg.gateway.keys = vec![ApiKeyConfig {
+            tenant: "acme".into(),
+            key: "acme-key".into(),
+            ..Default::default()
+        }];
+        cfg.nats.url = "nats://user:pw@nats:4222".into();
+        let mut v = toml::Value::try_from(&cfg).unwrap();
+        redact_secrets(&mut v);
+        let text = toml::to_string_pretty(&v).unwrap();
+        for secret in ["plain-key-1", "hook-secret", "acme-key", ":pw@"] {
+            assert!(!text.contains(secret), "{secret} in\n{text}");
+        }
+        assert!(text.contains("acme") && text.contains(REDACTED));
+        assert!(text.contains("nats:4222"));
     }
 
     #[test]

@@ -2,15 +2,18 @@
 //! topology bootstrap, the stage runner, the artifact store, task records, telemetry,
 //! the operations endpoint and graceful shutdown.
 
+pub mod admission;
 pub mod artifacts;
 pub mod config;
+pub mod errors;
 pub mod features;
-pub mod join;
+pub mod jobscope;
 pub mod media;
 pub mod metrics;
 pub mod models;
 pub mod nats;
 pub mod ops;
+pub mod reaper;
 pub mod runner;
 pub mod shutdown;
 mod stagecfg;
@@ -20,13 +23,13 @@ pub mod telemetry;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use lipsync_schemas::WorkItem;
 use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 
 pub use artifacts::{ArtifactError, ArtifactMeta, ArtifactStore, NatsArtifacts};
 pub use config::{Config, ConfigArgs};
-pub use runner::{Handler, JobCtx, JobError, Runner, publish_work};
+pub use errors::StageError;
+pub use runner::{Blocking, Handler, JobCtx, JobError, Outcome, Runner, publish_work};
 pub use tasks::{Change, TaskStore, Updated};
 
 /// What a stage binary needs to know about itself.
@@ -36,10 +39,9 @@ pub struct StageSpec {
     pub name: &'static str,
     /// Address of `/metrics`, `/healthz`, `/readyz`.
     pub listen: SocketAddr,
-    /// Jobs at once in this process.
+    /// Jobs at once in this process (the GPU stage: its number of GPU workers). The
+    /// cluster-wide ceiling is the deployment's `nats.<stage>_max_in_flight`.
     pub concurrency: usize,
-    /// The consumer's `max_ack_pending` (the GPU stage: number of GPU workers).
-    pub max_ack_pending: i64,
 }
 
 /// A started stage: its operations address and the running task.
@@ -61,15 +63,15 @@ impl StageServer {
     }
 }
 
-/// Connect, bootstrap the topology and this stage's consumer, serve the operations
-/// endpoint and run `handler` until `shutdown` is cancelled.
+/// Connect, bootstrap the topology, serve the operations endpoint and run `handler` (and
+/// the max-deliveries reaper) until `shutdown` is cancelled. `/readyz` is ready while the
+/// runner runs and NATS is connected.
 pub async fn start_stage<H: Handler>(
     cfg: &Config,
     spec: StageSpec,
     handler: H,
     shutdown: CancellationToken,
 ) -> anyhow::Result<StageServer> {
-    let stage = H::Job::STAGE;
     let registry = Registry::new();
     let metrics = metrics::StageMetrics::register(&registry)?;
     let ready = ops::Readiness::default();
@@ -84,32 +86,62 @@ pub async fn start_stage<H: Handler>(
 
     let client = nats::connect(&cfg.nats, spec.name).await?;
     let js = async_nats::jetstream::new(client.clone());
-    let (topo, report) = nats::bootstrap(
-        &js,
-        &cfg.nats,
-        &cfg.tasks,
-        &cfg.artifacts,
-        Some((stage, spec.max_ack_pending)),
-    )
-    .await?;
+    let (topo, report) = nats::bootstrap(&js, &cfg.nats, &cfg.tasks, &cfg.artifacts).await?;
     if !report.updated.is_empty() {
         tracing::warn!(changes = ?report.updated, "existing topology settings were changed");
     }
-    ready.set(true);
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    {
+        // Ready while running and connected (a worker cut off from NATS takes no work).
+        let (client, ready, running, stop) = (
+            client.clone(),
+            ready.clone(),
+            running.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let connected =
+                    client.connection_state() == async_nats::connection::State::Connected;
+                ready.set(connected && running.load(std::sync::atomic::Ordering::SeqCst));
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+                }
+            }
+            ready.set(false);
+        });
+    }
 
+    let artifacts: Arc<dyn ArtifactStore> = Arc::new(NatsArtifacts::new(topo.artifacts.clone()));
+    let tasks = TaskStore::new(topo.tasks.clone());
+    tokio::spawn(reaper::run(
+        topo.js.clone(),
+        tasks.clone(),
+        artifacts.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let runner = Runner {
         handler: Arc::new(handler),
         concurrency: spec.concurrency,
+        client: client.clone(),
         js: topo.js.clone(),
-        tasks: TaskStore::new(topo.tasks.clone()),
-        artifacts: Arc::new(NatsArtifacts::new(topo.artifacts.clone())),
+        tasks,
+        artifacts,
         metrics,
         nats: cfg.nats.clone(),
         runner: cfg.runner.clone(),
+        scratch_root: cfg
+            .artifacts
+            .scratch_dir
+            .clone()
+            .unwrap_or_else(std::env::temp_dir),
     };
     let drain_client = client.clone();
     let join = tokio::spawn(async move {
         let res = runner.run(shutdown).await;
+        running.store(false, std::sync::atomic::Ordering::SeqCst);
         ready.set(false);
         if let Err(e) = drain_client.flush().await {
             tracing::debug!(error = %e, "flush on shutdown failed");

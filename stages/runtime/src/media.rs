@@ -3,11 +3,15 @@
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{ChildStdout, Command};
 
 use serde::{Deserialize, Serialize};
 
 pub mod framesel;
+pub mod scratch;
+pub mod tool;
+
+pub use tool::{MediaCommand, MediaSettings, TimeLimits};
 
 /// Frame rate of every decoded frame sequence and of the output.
 pub const FPS: u32 = 25;
@@ -21,6 +25,63 @@ pub enum MediaError {
     /// The input could not be probed or decoded.
     #[error("cannot decode video: {0}")]
     Decode(String),
+    /// The input decodes to more than the limits allow (`input_too_long`).
+    #[error("{0}")]
+    TooLong(String),
+    /// The input is a playlist, a list of files or text, not media (`unsupported_media`).
+    #[error("{0}")]
+    Refused(String),
+    /// A tool ran past its time limit (`unsupported_media`: the file is likely crafted).
+    #[error("{0}")]
+    Timeout(String),
+}
+
+impl MediaError {
+    /// The task error code of this failure.
+    pub fn code(&self) -> lipsync_schemas::ErrorCode {
+        use lipsync_schemas::ErrorCode;
+        match self {
+            MediaError::Spawn(..) => ErrorCode::Internal,
+            MediaError::TooLong(_) => ErrorCode::InputTooLong,
+            MediaError::Decode(_) | MediaError::Refused(_) | MediaError::Timeout(_) => {
+                ErrorCode::UnsupportedMedia
+            }
+        }
+    }
+
+    /// Whether retrying may help (only a tool that could not start).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, MediaError::Spawn(..))
+    }
+}
+
+/// Which video stream to decode and how (fetch validates the input and hands these on in
+/// the work items; the defaults are what fetch would choose).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DecodeOptions {
+    /// Container index of the validated video stream; `None` = the first video stream
+    /// that is not an attached picture (`0:V:0`).
+    pub stream: Option<u32>,
+    /// The validated frame size (after rotation); `None` = probe it. Frames are always
+    /// delivered at this size: a stream whose resolution changes mid-way is scaled back to
+    /// it (ffmpeg keeps the output size of the first configuration), so a reader never
+    /// returns frames of another size.
+    pub geometry: Option<Geometry>,
+    /// Most frames returned before [`MediaError::TooLong`]; `None` = the process-wide
+    /// setting ([`tool::settings`]).
+    pub max_frames: Option<u64>,
+    /// Media length in seconds, for the decoder's CPU-time limit; `None` = probe it.
+    pub duration_s: Option<f64>,
+}
+
+impl DecodeOptions {
+    /// The `-map` / `-select_streams` specifier of the stream.
+    pub fn stream_spec(&self, prefix: &str) -> String {
+        match self.stream {
+            Some(i) => format!("{prefix}{i}"),
+            None => format!("{prefix}V:0"),
+        }
+    }
 }
 
 /// Size of decoded frames (after applying the rotation metadata).
@@ -35,23 +96,29 @@ pub struct Geometry {
 /// Probe the size frames will have when decoded with [`FrameReader`] (ffmpeg applies the
 /// display matrix, so a 90° rotated phone video decodes with width and height swapped).
 pub fn probe_geometry(input: &Path) -> Result<Geometry, MediaError> {
-    let out = Command::new("ffprobe")
+    probe_stream(input, &DecodeOptions::default()).map(|(g, _)| g)
+}
+
+/// Probe the decoded frame size of the stream `opts` selects, and the media duration.
+pub fn probe_stream(
+    input: &Path,
+    opts: &DecodeOptions,
+) -> Result<(Geometry, Option<f64>), MediaError> {
+    let cmd = MediaCommand::ffprobe()
         .args([
-            "-v",
-            "error",
-            "-select_streams",
-            "v:0",
-            "-show_entries",
-            "stream=width,height:stream_side_data=rotation:stream_tags=rotate",
-            "-of",
-            "json",
+            "-select_streams".to_owned(),
+            opts.stream_spec(""),
+            "-show_entries".to_owned(),
+            "stream=width,height:stream_side_data=rotation:stream_tags=rotate:format=duration"
+                .to_owned(),
+            "-of".to_owned(),
+            "json".to_owned(),
         ])
-        .arg(input)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| MediaError::Spawn("ffprobe", e))?;
+        .input(input)
+        .cpu_limit_for(None);
+    let out = cmd.run(tool::settings().time.for_media(None))?;
     if !out.status.success() {
-        return Err(MediaError::Decode(first_line(&out.stderr)));
+        return Err(MediaError::Decode(cmd.reason(&out.stderr)));
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| MediaError::Decode(format!("ffprobe output: {e}")))?;
@@ -76,8 +143,12 @@ pub fn probe_geometry(input: &Path) -> Result<Geometry, MediaError> {
             }
         }
     }
+    let duration = v["format"]["duration"]
+        .as_str()
+        .and_then(|d| d.parse::<f64>().ok())
+        .filter(|d| d.is_finite() && *d >= 0.0);
     let quarter = rotation.rem_euclid(180) == 90;
-    Ok(if quarter {
+    let g = if quarter {
         Geometry {
             width: h,
             height: w,
@@ -87,67 +158,110 @@ pub fn probe_geometry(input: &Path) -> Result<Geometry, MediaError> {
             width: w,
             height: h,
         }
-    })
-}
-
-fn first_line(b: &[u8]) -> String {
-    String::from_utf8_lossy(b)
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("unknown error")
-        .chars()
-        .take(300)
-        .collect()
+    };
+    Ok((g, duration))
 }
 
 /// The decoding command: first video stream, rotation applied, exactly 25 fps with the
 /// reference's frame selection ([`framesel`]: no `-vf` here), RGB24 raw frames on stdout.
-pub fn decode_command(input: &Path) -> Command {
-    let mut c = Command::new("ffmpeg");
-    c.args(["-nostdin", "-v", "error", "-i"])
-        .arg(input)
-        .args(["-map", "0:v:0", "-an", "-sn", "-dn"])
+///
+/// The stream is the validated one (`0:V:0` by default: never an attached picture),
+/// frames are pinned to `geometry` (`-s`, an output size, not a filter, so the frame
+/// selection is unchanged), at most `max_frames + 1` are decoded (one more than allowed,
+/// so the reader can tell "exactly at the cap" from "over it"), with the whitelists and
+/// the CPU-time limit of [`MediaCommand`].
+pub fn decode_media_command(
+    input: &Path,
+    opts: &DecodeOptions,
+    geometry: Geometry,
+    max_frames: u64,
+    duration_s: Option<f64>,
+) -> MediaCommand {
+    MediaCommand::ffmpeg()
+        .input(input)
+        .args(["-map".to_owned(), opts.stream_spec("0:")])
+        .args(["-an", "-sn", "-dn"])
         .args(framesel::OUTPUT_RATE_ARGS)
+        .args([
+            "-s".to_owned(),
+            format!("{}x{}", geometry.width, geometry.height),
+            "-frames:v".to_owned(),
+            max_frames.saturating_add(1).to_string(),
+        ])
         .args(["-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    c
+        .cpu_limit_for(duration_s)
+}
+
+/// [`decode_media_command`] with the defaults, as a plain process (content check of the
+/// input skipped: use [`FrameReader`] to decode untrusted files).
+pub fn decode_command(input: &Path) -> Command {
+    let geometry = probe_geometry(input).unwrap_or(Geometry {
+        width: 0,
+        height: 0,
+    });
+    let mut cmd = decode_media_command(
+        input,
+        &DecodeOptions::default(),
+        geometry,
+        tool::settings().max_frames,
+        None,
+    );
+    if geometry.width == 0 {
+        cmd = MediaCommand::ffmpeg()
+            .input(input)
+            .args(["-map", "0:V:0", "-an", "-sn", "-dn"])
+            .args(framesel::OUTPUT_RATE_ARGS)
+            .args(["-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:1"]);
+    }
+    cmd.command().unwrap_or_else(|_| Command::new("false"))
 }
 
 /// Streams decoded RGB24 frames one at a time; memory stays at one frame.
 pub struct FrameReader {
-    child: Child,
+    child: tool::MediaChild,
     stdout: ChildStdout,
     /// Frame geometry.
     pub geometry: Geometry,
     frame_bytes: usize,
     /// Frames returned so far.
     pub index: u64,
+    max_frames: u64,
     done: bool,
 }
 
 impl FrameReader {
-    /// Start decoding `input`.
+    /// Start decoding `input` with the default options (first real video stream, probed
+    /// size, the process-wide frame cap).
     pub fn open(input: &Path) -> Result<Self, MediaError> {
-        let geometry = probe_geometry(input)?;
-        let mut child = decode_command(input)
-            .spawn()
-            .map_err(|e| MediaError::Spawn("ffmpeg", e))?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        // Drain stderr so ffmpeg never blocks on it; keep the tail for errors.
-        if let Some(mut err) = child.stderr.take() {
-            std::thread::spawn(move || {
-                let mut sink = Vec::new();
-                let _ = err.read_to_end(&mut sink);
-            });
+        Self::open_with(input, &DecodeOptions::default())
+    }
+
+    /// Start decoding the stream of `input` that `opts` selects.
+    ///
+    /// # Errors
+    /// The input is refused (playlist, text), cannot be probed, or ffmpeg cannot start.
+    pub fn open_with(input: &Path, opts: &DecodeOptions) -> Result<Self, MediaError> {
+        let (geometry, duration) = match (opts.geometry, opts.duration_s) {
+            (Some(g), Some(d)) => (g, Some(d)),
+            _ => {
+                let (g, d) = probe_stream(input, opts)?;
+                (opts.geometry.unwrap_or(g), opts.duration_s.or(d))
+            }
+        };
+        if geometry.width == 0 || geometry.height == 0 {
+            return Err(MediaError::Decode("video stream has no size".into()));
         }
+        let max_frames = opts.max_frames.unwrap_or(tool::settings().max_frames);
+        let mut child =
+            decode_media_command(input, opts, geometry, max_frames, duration).spawn()?;
+        let stdout = child.child.stdout.take().expect("piped stdout");
         Ok(Self {
             child,
             stdout,
             geometry,
             frame_bytes: geometry.width as usize * geometry.height as usize * 3,
             index: 0,
+            max_frames,
             done: false,
         })
     }
@@ -160,6 +274,27 @@ impl FrameReader {
     /// Read the next frame into `buf` (resized to one frame). `Ok(false)` at the end.
     pub fn read_into(&mut self, buf: &mut Vec<u8>) -> Result<bool, MediaError> {
         if self.done {
+            return Ok(false);
+        }
+        if self.index >= self.max_frames {
+            // ffmpeg decodes one frame past the cap: if it comes, the input is too long.
+            let mut probe = vec![0u8; self.frame_bytes.min(1 << 16)];
+            let more = loop {
+                match self.stdout.read(&mut probe) {
+                    Ok(n) => break n > 0,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(MediaError::Decode(e.to_string())),
+                }
+            };
+            self.done = true;
+            if more {
+                let _ = self.child.child.kill();
+                return Err(MediaError::TooLong(format!(
+                    "the video decodes to more than {} frames at 25 fps",
+                    self.max_frames
+                )));
+            }
+            let _ = self.child.child.wait();
             return Ok(false);
         }
         buf.resize(self.frame_bytes, 0);
@@ -176,16 +311,22 @@ impl FrameReader {
             self.done = true;
             let status = self
                 .child
+                .child
                 .wait()
                 .map_err(|e| MediaError::Decode(e.to_string()))?;
+            self.child.check_cpu(status)?;
             if !status.success() && self.index == 0 {
-                return Err(MediaError::Decode(format!("ffmpeg exited with {status}")));
+                let stderr = self.child.take_stderr();
+                return Err(MediaError::Decode(self.child.reason(&stderr)));
             }
             return Ok(false);
         }
         if filled < self.frame_bytes {
             self.done = true;
-            let _ = self.child.wait();
+            let status = self.child.child.wait();
+            if let Ok(status) = status {
+                self.child.check_cpu(status)?;
+            }
             return Err(MediaError::Decode(format!(
                 "truncated frame {} ({filled} of {} bytes)",
                 self.index, self.frame_bytes
@@ -196,27 +337,7 @@ impl FrameReader {
     }
 }
 
-impl Drop for FrameReader {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// How the video is fitted to the audio length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum LengthMode {
-    /// Forward, backward, forward, ... (the reference's behaviour).
-    #[default]
-    Pingpong,
-    /// Forward, forward, ...
-    Loop,
-    /// Never repeat: the output is cut to the shorter of video and audio.
-    Cut,
-}
+pub use lipsync_schemas::LengthMode;
 
 /// Number of output frames for `n_video` video frames and `n_audio` audio chunks.
 pub fn output_len(n_video: usize, n_audio: usize, mode: LengthMode) -> usize {

@@ -21,6 +21,9 @@ pub struct StageMetrics {
     pub job_duration: HistogramVec,
     /// Jobs being handled now.
     pub in_flight: IntGaugeVec,
+    /// Lifecycle events: `stalled`, `panicked`, `undecodable`, `reaped`, `republished`,
+    /// `duplicate`, `connection_lost`.
+    pub job_events: IntCounterVec,
 }
 
 impl StageMetrics {
@@ -64,6 +67,11 @@ impl StageMetrics {
             &["stage"],
         )?;
         registry.register(Box::new(in_flight.clone()))?;
+        let job_events = counter(
+            "lipsync_job_events_total",
+            "Job lifecycle events (stalled, panicked, undecodable, reaped, republished, duplicate, connection_lost)",
+            &["stage", "event"],
+        )?;
         Ok(Self {
             jobs_started,
             jobs_succeeded,
@@ -72,6 +80,7 @@ impl StageMetrics {
             jobs_retried,
             job_duration,
             in_flight,
+            job_events,
         })
     }
 }

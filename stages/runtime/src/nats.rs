@@ -1,7 +1,12 @@
-//! NATS connection with retry, and the idempotent bootstrap of the JetStream topology of
-//! design §3: the work stream, one durable pull consumer per stage, the KV buckets and
-//! the artifact object store. Re-running it on an existing setup changes nothing; a
-//! changed setting is applied where NATS allows it and reported otherwise.
+//! NATS connection with retry, and the idempotent bootstrap of the JetStream topology
+//! (docs/architecture.md, "NATS topology"): the work stream, one durable pull consumer per
+//! stage, the advisory stream, the KV buckets and the artifact object store.
+//!
+//! Every process creates what is missing, with the deployment's settings. Existing
+//! objects whose settings differ are changed only by a process with
+//! `nats.apply_topology = true` (one per deployment); every other process reports the
+//! difference and leaves it, so replicas with different local settings never flip-flop a
+//! shared consumer. Re-running it on an existing setup changes nothing.
 
 use std::time::Duration;
 
@@ -109,18 +114,17 @@ pub fn work_stream_config(cfg: &NatsConfig) -> stream::Config {
         discard: stream::DiscardPolicy::New,
         storage: stream::StorageType::File,
         num_replicas: cfg.replicas,
-        max_messages: cfg.max_queued_jobs,
+        max_messages: cfg.work_stream_max_messages(),
         duplicate_window: Duration::from_secs(cfg.duplicate_window_s),
         ..Default::default()
     }
 }
 
-/// Desired configuration of a stage's durable pull consumer.
-pub fn consumer_config(
-    cfg: &NatsConfig,
-    stage: Stage,
-    max_ack_pending: i64,
-) -> consumer::pull::Config {
+/// Desired configuration of a stage's durable pull consumer. Its `max_ack_pending` is the
+/// deployment's cluster-wide ceiling for the stage (`nats.<stage>_max_in_flight`), shared
+/// by all replicas; each process limits itself with its own permits.
+pub fn consumer_config(cfg: &NatsConfig, stage: Stage) -> consumer::pull::Config {
+    let max_ack_pending = cfg.max_in_flight(stage);
     consumer::pull::Config {
         durable_name: Some(names::consumer_name(stage).into()),
         name: Some(names::consumer_name(stage).into()),
@@ -142,6 +146,9 @@ pub struct BootstrapReport {
     pub created: Vec<String>,
     /// Objects whose settings were changed, with what changed.
     pub updated: Vec<String>,
+    /// Objects whose settings differ from this configuration but were left as they are
+    /// (`nats.apply_topology = false`).
+    pub differs: Vec<String>,
 }
 
 impl BootstrapReport {
@@ -170,15 +177,13 @@ fn diff<T: PartialEq + std::fmt::Debug>(out: &mut Vec<String>, what: &str, have:
     }
 }
 
-/// Create or reconcile the stream, the buckets and (when `stage` is given) that stage's
-/// consumer. Each binary reconciles only its own consumer, so a process started with
-/// different stage settings never fights another stage's consumer.
+/// Create what is missing of the topology (stream, consumers, advisory capture, buckets);
+/// reconcile existing objects when `nats.apply_topology` is set, else report differences.
 pub async fn bootstrap(
     js: &jetstream::Context,
     nats: &NatsConfig,
     tasks_cfg: &TasksConfig,
     artifacts_cfg: &ArtifactsConfig,
-    consumer: Option<(Stage, i64)>,
 ) -> Result<(Topology, BootstrapReport), NatsError> {
     let mut report = BootstrapReport::default();
 
@@ -225,15 +230,16 @@ pub async fn bootstrap(
                 &want.duplicate_window,
             );
             if !changes.is_empty() {
-                js.update_stream(&want)
-                    .await
-                    .map_err(|e| js_err(format!("update stream ({})", changes.join(", ")))(&e))?;
-                tracing::warn!(stream = names::WORK_STREAM, changes = %changes.join(", "), "stream settings updated");
-                report.updated.push(format!(
-                    "stream {}: {}",
-                    names::WORK_STREAM,
-                    changes.join(", ")
-                ));
+                let what = format!("stream {}: {}", names::WORK_STREAM, changes.join(", "));
+                if nats.apply_topology {
+                    js.update_stream(&want).await.map_err(|e| {
+                        js_err(format!("update stream ({})", changes.join(", ")))(&e)
+                    })?;
+                    tracing::warn!(change = %what, "stream settings updated");
+                    report.updated.push(what);
+                } else {
+                    report.differs.push(what);
+                }
             }
         }
         Err(e)
@@ -242,13 +248,18 @@ pub async fn bootstrap(
                 jetstream::context::GetStreamErrorKind::JetStream(_)
             ) =>
         {
-            // Not found (or another API error, which create will surface).
-            js.create_stream(want)
-                .await
-                .map_err(|e| js_err("create work stream")(&e))?;
-            report
-                .created
-                .push(format!("stream {}", names::WORK_STREAM));
+            // Not found (or another API error, which create will surface). A process
+            // starting beside this one may win the race: then the stream exists.
+            match js.create_stream(want).await {
+                Ok(_) => report
+                    .created
+                    .push(format!("stream {}", names::WORK_STREAM)),
+                Err(e) => {
+                    if js.get_stream(names::WORK_STREAM).await.is_err() {
+                        return Err(js_err("create work stream")(&e));
+                    }
+                }
+            }
         }
         Err(e) => return Err(js_err("get work stream")(&e)),
     }
@@ -265,6 +276,7 @@ pub async fn bootstrap(
             num_replicas: nats.replicas,
             ..Default::default()
         },
+        nats.apply_topology,
         &mut report,
     )
     .await?;
@@ -279,6 +291,7 @@ pub async fn bootstrap(
             num_replicas: nats.replicas,
             ..Default::default()
         },
+        nats.apply_topology,
         &mut report,
     )
     .await?;
@@ -286,13 +299,21 @@ pub async fn bootstrap(
     // Artifact store.
     let artifacts = ensure_object_store(js, nats, artifacts_cfg, &mut report).await?;
 
-    // The caller's own consumer.
-    if let Some((stage, max_ack_pending)) = consumer {
-        ensure_consumer(js, nats, stage, max_ack_pending, &mut report).await?;
+    // Every stage's consumer, and the capture of their max-deliveries advisories.
+    for stage in Stage::ALL {
+        ensure_consumer(js, nats, stage, &mut report).await?;
     }
+    ensure_advisories(js, nats, &mut report).await?;
 
     for c in &report.created {
         tracing::info!(object = %c, "created");
+    }
+    for d in &report.differs {
+        tracing::warn!(
+            difference = %d,
+            "existing topology differs from this configuration; left as it is \
+             (only the process with nats.apply_topology = true changes it)"
+        );
     }
     Ok((
         Topology {
@@ -308,6 +329,7 @@ pub async fn bootstrap(
 async fn ensure_kv(
     js: &jetstream::Context,
     want: kv::Config,
+    apply: bool,
     report: &mut BootstrapReport,
 ) -> Result<kv::Store, NatsError> {
     let stream_name = format!("KV_{}", want.bucket);
@@ -335,12 +357,15 @@ async fn ensure_kv(
             );
             if !changes.is_empty() {
                 let bucket = want.bucket.clone();
-                js.update_key_value(want)
-                    .await
-                    .map_err(|e| js_err(format!("update kv {bucket}"))(&e))?;
-                report
-                    .updated
-                    .push(format!("kv {bucket}: {}", changes.join(", ")));
+                let what = format!("kv {bucket}: {}", changes.join(", "));
+                if apply {
+                    js.update_key_value(want)
+                        .await
+                        .map_err(|e| js_err(format!("update kv {bucket}"))(&e))?;
+                    report.updated.push(what);
+                } else {
+                    report.differs.push(what);
+                }
             }
             js.get_key_value(stream_name.trim_start_matches("KV_"))
                 .await
@@ -380,15 +405,18 @@ async fn ensure_object_store(
             diff(&mut changes, "max_bytes", &have.max_bytes, &cfg.max_bytes);
             diff(&mut changes, "replicas", &have.num_replicas, &nats.replicas);
             if !changes.is_empty() {
-                have.max_age = want_age;
-                have.max_bytes = cfg.max_bytes;
-                have.num_replicas = nats.replicas;
-                js.update_stream(&have)
-                    .await
-                    .map_err(|e| js_err("update object store")(&e))?;
-                report
-                    .updated
-                    .push(format!("object store {bucket}: {}", changes.join(", ")));
+                let what = format!("object store {bucket}: {}", changes.join(", "));
+                if nats.apply_topology {
+                    have.max_age = want_age;
+                    have.max_bytes = cfg.max_bytes;
+                    have.num_replicas = nats.replicas;
+                    js.update_stream(&have)
+                        .await
+                        .map_err(|e| js_err("update object store")(&e))?;
+                    report.updated.push(what);
+                } else {
+                    report.differs.push(what);
+                }
             }
             js.get_object_store(bucket)
                 .await
@@ -417,14 +445,13 @@ async fn ensure_consumer(
     js: &jetstream::Context,
     nats: &NatsConfig,
     stage: Stage,
-    max_ack_pending: i64,
     report: &mut BootstrapReport,
 ) -> Result<(), NatsError> {
     let stream = js
         .get_stream(names::WORK_STREAM)
         .await
         .map_err(|e| js_err("get work stream")(&e))?;
-    let want = consumer_config(nats, stage, max_ack_pending);
+    let want = consumer_config(nats, stage);
     let name = names::consumer_name(stage);
     match stream.consumer_info(name).await {
         Ok(info) => {
@@ -456,22 +483,91 @@ async fn ensure_consumer(
                 )));
             }
             if !changes.is_empty() {
-                stream
-                    .update_consumer(want)
-                    .await
-                    .map_err(|e| js_err(format!("update consumer {name}"))(&e))?;
-                tracing::warn!(consumer = name, changes = %changes.join(", "), "consumer settings updated");
-                report
-                    .updated
-                    .push(format!("consumer {name}: {}", changes.join(", ")));
+                let what = format!("consumer {name}: {}", changes.join(", "));
+                if nats.apply_topology {
+                    stream
+                        .update_consumer(want)
+                        .await
+                        .map_err(|e| js_err(format!("update consumer {name}"))(&e))?;
+                    tracing::warn!(change = %what, "consumer settings updated");
+                    report.updated.push(what);
+                } else {
+                    report.differs.push(what);
+                }
             }
         }
         Err(_) => {
-            stream
-                .create_consumer(want)
+            // Two processes starting at once may both try: the loser finds it made.
+            if let Err(e) = stream.create_consumer(want).await {
+                if stream.consumer_info(name).await.is_err() {
+                    return Err(js_err(format!("create consumer {name}"))(&e));
+                }
+            } else {
+                report.created.push(format!("consumer {name}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Desired configuration of the stream capturing max-deliveries advisories.
+pub fn advisory_stream_config(cfg: &NatsConfig) -> stream::Config {
+    stream::Config {
+        name: names::ADVISORY_STREAM.into(),
+        description: Some(
+            "JetStream max-deliveries advisories of the lipsync work consumers".into(),
+        ),
+        subjects: vec![names::MAX_DELIVERIES_ADVISORIES.into()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        num_replicas: cfg.replicas,
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        max_messages: 100_000,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
+async fn ensure_advisories(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+    report: &mut BootstrapReport,
+) -> Result<(), NatsError> {
+    let want = advisory_stream_config(nats);
+    let stream = match js.get_stream(names::ADVISORY_STREAM).await {
+        Ok(s) => s,
+        Err(_) => match js.create_stream(want).await {
+            Ok(s) => {
+                report
+                    .created
+                    .push(format!("stream {}", names::ADVISORY_STREAM));
+                s
+            }
+            Err(e) => js
+                .get_stream(names::ADVISORY_STREAM)
                 .await
-                .map_err(|e| js_err(format!("create consumer {name}"))(&e))?;
-            report.created.push(format!("consumer {name}"));
+                .map_err(|_| js_err("create advisory stream")(&e))?,
+        },
+    };
+    let want = consumer::pull::Config {
+        durable_name: Some(names::REAPER_CONSUMER.into()),
+        name: Some(names::REAPER_CONSUMER.into()),
+        description: Some("fails tasks whose job exhausted its deliveries".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: -1,
+        ..Default::default()
+    };
+    if stream.consumer_info(names::REAPER_CONSUMER).await.is_err() {
+        match stream.create_consumer(want).await {
+            Ok(_) => report
+                .created
+                .push(format!("consumer {}", names::REAPER_CONSUMER)),
+            Err(e) => {
+                if stream.consumer_info(names::REAPER_CONSUMER).await.is_err() {
+                    return Err(js_err("create reaper consumer")(&e));
+                }
+            }
         }
     }
     Ok(())

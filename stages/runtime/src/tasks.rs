@@ -158,12 +158,15 @@ impl TaskStore {
         self.update_with(task_id, false, f).await
     }
 
-    /// Record that `stage` started (attempt = delivery count): status `processing`.
+    /// Record that `stage` started (attempt = delivery count): status `processing`. The
+    /// first message to start a stage (`message_seq`, its stream sequence; 0 when
+    /// unknown) owns it; a later message for the same stage finds another owner recorded.
     pub async fn mark_started(
         &self,
         task_id: &str,
         stage: Stage,
         attempt: u32,
+        message_seq: u64,
     ) -> Result<Updated, TaskStoreError> {
         let (epoch, rfc) = now();
         self.update(task_id, |r| {
@@ -175,6 +178,14 @@ impl TaskStore {
                 r.stage = Some(stage);
             }
             let t = r.stages.entry(stage.as_str().to_owned()).or_default();
+            if t.message_seq
+                .is_some_and(|s| message_seq != 0 && s != message_seq)
+            {
+                return Change::Skip;
+            }
+            if message_seq != 0 {
+                t.message_seq = Some(message_seq);
+            }
             if t.started_at.is_none() {
                 t.started_at = Some(epoch);
             }

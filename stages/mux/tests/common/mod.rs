@@ -285,7 +285,8 @@ impl Env {
                 audio_original: key(names::artifact::AUDIO_ORIGINAL),
                 audio_16k: key(names::artifact::AUDIO_16K),
                 output_frames: t.output_frames as u64,
-                length_mode: t.mode.into(),
+                length_mode: serde_json::from_value(serde_json::Value::String(t.mode.into()))
+                    .expect("length mode"),
             },
         )
         .await
