@@ -1,5 +1,6 @@
 //! SSRF guard, end to end through reqwest: every forbidden target is refused with
-//! `url_not_allowed` before any connection reaches it.
+//! `url_not_allowed` before any connection reaches it (requests sent through a
+//! [`GuardedClient`]; the fetch stage's `download_to` maps the same errors).
 //!
 //! "No connection" is proven with a tripwire: a TCP listener on 127.0.0.1 (and [::1])
 //! that records every accepted peer. After the requests, the test makes one sentinel
@@ -15,9 +16,9 @@ use axum::extract::Query;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use lipsync_fetch::download::{DownloadError, DownloadLimits, download_to};
-use lipsync_fetch::guard::{
-    ClientOptions, GuardError, GuardedResolver, UrlPolicy, forbidden_reason, is_forbidden,
+use lipsync_netguard::{
+    ClientOptions, GuardError, GuardedClient, GuardedResolver, UrlPolicy, forbidden_reason,
+    is_forbidden,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc};
@@ -87,11 +88,56 @@ fn short_opts() -> ClientOptions {
     }
 }
 
-fn short_limits() -> DownloadLimits {
-    DownloadLimits {
-        max_bytes: 1 << 20,
-        total_timeout: Duration::from_secs(3),
-        read_timeout: Duration::from_millis(500),
+/// What a guarded GET ended with.
+#[derive(Debug)]
+enum Outcome {
+    /// Refused by the guard (before or during the request).
+    Refused(GuardError),
+    /// Another failure (connection refused, reset, timeout...), with its message.
+    Failed(#[allow(dead_code)] String),
+    /// A response: final URL, content type, body.
+    Body(url::Url, Option<String>, Vec<u8>),
+}
+
+/// GET `url` through the guarded client; the guard's error is looked up in reqwest's
+/// source chain as the fetch stage does.
+async fn fetch(client: &GuardedClient, url: &str) -> Outcome {
+    let req = match client.get(url) {
+        Ok(r) => r,
+        Err(e) => return Outcome::Refused(e),
+    };
+    let map = |e: reqwest::Error| match GuardError::find_in(&e) {
+        Some(g) => Outcome::Refused(g.clone()),
+        None => Outcome::Failed(e.to_string()),
+    };
+    let resp = match tokio::time::timeout(Duration::from_secs(3), req.send()).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return map(e),
+        Err(_) => return Outcome::Failed("timeout".into()),
+    };
+    let final_url = resp.url().clone();
+    // reqwest hands back a redirect it will not follow (another scheme): vet its target
+    // as the fetch stage does.
+    if resp.status().is_redirection()
+        && let Some(loc) = resp.headers().get(header::LOCATION)
+    {
+        let target = final_url
+            .join(loc.to_str().unwrap_or(""))
+            .map(|u| u.to_string())
+            .unwrap_or_default();
+        return match client.check_url(&target) {
+            Err(e) => Outcome::Refused(e),
+            Ok(_) => Outcome::Failed(format!("unfollowed redirect to {target}")),
+        };
+    }
+    let ct = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    match resp.bytes().await {
+        Ok(b) => Outcome::Body(final_url, ct, b.to_vec()),
+        Err(e) => map(e),
     }
 }
 
@@ -148,13 +194,13 @@ fn no_scheme_urls(t: &Tripwire) -> Vec<String> {
     ]
 }
 
-fn assert_not_allowed(url: &str, r: Result<impl std::fmt::Debug, DownloadError>) {
+fn assert_not_allowed(url: &str, r: Outcome) {
     match r {
-        Err(e @ DownloadError::UrlNotAllowed(_)) => {
-            assert_eq!(e.code(), "url_not_allowed", "{url}");
-            assert!(!e.is_transient(), "{url}");
+        Outcome::Refused(e) => {
+            assert_eq!(e.code(), "url_not_allowed", "{url}: {e}");
+            assert!(e.is_policy_refusal(), "{url}");
         }
-        other => panic!("{url}: expected UrlNotAllowed, got {other:?}"),
+        other => panic!("{url}: expected a policy refusal, got {other:?}"),
     }
 }
 
@@ -170,23 +216,35 @@ async fn bad_urls_are_refused_before_any_connection() {
             let err = checked.expect_err(&url);
             assert_eq!(err.code(), "url_not_allowed", "{url}: {err}");
         }
-        let mut sink = Vec::new();
-        let r = download_to(&client, &url, &short_limits(), &mut sink, |_, _| {}).await;
-        assert_not_allowed(&url, r);
-        assert!(sink.is_empty());
+        assert_not_allowed(&url, fetch(&client, &url).await);
     }
-    // The host-name case is refused by the resolver, through reqwest's error chain.
+    // The host-name case is refused by the resolver, through reqwest's error chain, and
+    // the message does not show the address the name resolved to.
+    let any_port = UrlPolicy {
+        allowed_ports: Vec::new(),
+        ..UrlPolicy::default()
+    }
+    .client(&short_opts())
+    .unwrap();
     let url = format!("http://localhost:{}/", trip.v4.port());
-    match download_to(&client, &url, &short_limits(), Vec::new(), |_, _| {}).await {
-        Err(DownloadError::UrlNotAllowed(GuardError::AddressNotAllowed { host, ip, .. })) => {
+    match fetch(&any_port, &url).await {
+        Outcome::Refused(e @ GuardError::AddressNotAllowed { .. }) => {
+            let GuardError::AddressNotAllowed {
+                host, ip, resolved, ..
+            } = &e
+            else {
+                unreachable!()
+            };
             assert_eq!(host, "localhost");
             assert!(ip.is_loopback());
+            assert!(resolved);
+            let msg = e.to_string();
+            assert!(!msg.contains("127.0.0.1") && !msg.contains("::1"), "{msg}");
         }
         other => panic!("{url}: {other:?}"),
     }
     for url in no_scheme_urls(&trip) {
-        let r = download_to(&client, &url, &short_limits(), Vec::new(), |_, _| {}).await;
-        assert_not_allowed(&url, r);
+        assert_not_allowed(&url, fetch(&client, &url).await);
     }
     assert_eq!(trip.connections_so_far().await, 0);
 }
@@ -198,11 +256,8 @@ async fn tripwire_detects_a_real_connection() {
     let trip = Tripwire::start().await;
     let client = UrlPolicy::permissive().client(&short_opts()).unwrap();
     let url = format!("http://127.0.0.1:{}/", trip.v4.port());
-    let r = download_to(&client, &url, &short_limits(), Vec::new(), |_, _| {}).await;
-    assert!(
-        matches!(r, Err(DownloadError::DownloadFailed { .. })),
-        "{r:?}"
-    );
+    let r = fetch(&client, &url).await;
+    assert!(matches!(r, Outcome::Failed(_)), "{r:?}");
     assert_eq!(trip.connections_so_far().await, 1);
     assert_eq!(trip.connections_so_far().await, 0);
 }
@@ -211,9 +266,12 @@ async fn tripwire_detects_a_real_connection() {
 async fn hostname_resolving_to_loopback_is_refused_by_the_resolver() {
     let strict = GuardedResolver::new(Arc::new(UrlPolicy::default()));
     match strict.resolve_host("localhost").await {
-        Err(GuardError::AddressNotAllowed { ip, host, .. }) => {
+        Err(GuardError::AddressNotAllowed {
+            ip, host, resolved, ..
+        }) => {
             assert!(ip.is_loopback());
             assert_eq!(host, "localhost");
+            assert!(resolved);
         }
         other => panic!("expected AddressNotAllowed, got {other:?}"),
     }
@@ -239,7 +297,7 @@ fn public_addresses_are_classified_allowed() {
     let policy = UrlPolicy::default();
     for url in [
         "http://93.184.216.34/video.mp4",
-        "https://93.184.216.34:8443/a",
+        "https://93.184.216.34:443/a",
         "http://[2606:2800::1]/a.mp4",
         "https://[2606:2800:220:1:248:1893:25c8:1946]/",
         "https://example.com/video.mp4",
@@ -357,6 +415,8 @@ fn redirect_url(server: SocketAddr, to: &str) -> String {
 fn first_hop_policy() -> UrlPolicy {
     UrlPolicy {
         allow_cidrs: vec!["127.0.0.2/32".parse().unwrap()],
+        // The test servers listen on random ports.
+        allowed_ports: Vec::new(),
         ..UrlPolicy::default()
     }
 }
@@ -368,19 +428,19 @@ async fn redirects_to_forbidden_targets_are_refused() {
     let client = first_hop_policy().client(&short_opts()).unwrap();
 
     // Control: the first hop is allowed, and an allowed redirect is followed.
-    let mut body = Vec::new();
-    let ok = download_to(
+    match fetch(
         &client,
         &redirect_url(server, &format!("http://{server}/ok")),
-        &short_limits(),
-        &mut body,
-        |_, _| {},
     )
     .await
-    .unwrap();
-    assert_eq!(body, b"hello");
-    assert_eq!(ok.final_url.as_str(), format!("http://{server}/ok"));
-    assert_eq!(ok.content_type.as_deref(), Some("video/mp4"));
+    {
+        Outcome::Body(final_url, ct, body) => {
+            assert_eq!(body, b"hello");
+            assert_eq!(final_url.as_str(), format!("http://{server}/ok"));
+            assert_eq!(ct.as_deref(), Some("video/mp4"));
+        }
+        other => panic!("{other:?}"),
+    }
 
     // 127.0.0.1 is not in allow_cidrs: refused even though 127.0.0.2 is open.
     let mut targets: Vec<String> = bad_urls(&trip)
@@ -391,38 +451,37 @@ async fn redirects_to_forbidden_targets_are_refused() {
         .collect();
     targets.push(format!("http://localhost:{}/", trip.v4.port()));
     let via_resolver = redirect_url(server, &format!("http://localhost:{}/", trip.v4.port()));
-    match download_to(
-        &client,
-        &via_resolver,
-        &short_limits(),
-        Vec::new(),
-        |_, _| {},
-    )
-    .await
-    {
-        Err(DownloadError::UrlNotAllowed(GuardError::AddressNotAllowed { host, .. })) => {
+    match fetch(&client, &via_resolver).await {
+        Outcome::Refused(GuardError::AddressNotAllowed { host, .. }) => {
             assert_eq!(host, "localhost")
         }
         other => panic!("redirect to localhost: {other:?}"),
     }
     for target in &targets {
         let url = redirect_url(server, target);
-        let mut sink = Vec::new();
-        let r = download_to(&client, &url, &short_limits(), &mut sink, |_, _| {}).await;
-        assert_not_allowed(target, r);
-        assert!(sink.is_empty(), "{target}");
+        assert_not_allowed(target, fetch(&client, &url).await);
     }
 
     // An over-long hop: the request URL is short, the Location is over 4 KB.
-    let r = download_to(
-        &client,
-        &format!("http://{server}/long-hop"),
-        &short_limits(),
-        Vec::new(),
-        |_, _| {},
+    let r = fetch(&client, &format!("http://{server}/long-hop")).await;
+    assert_not_allowed("4 KB redirect hop", r);
+
+    // A hop to a port outside the allow-list is refused too.
+    let strict_ports = UrlPolicy {
+        allowed_ports: vec![80, 443, server.port()],
+        ..first_hop_policy()
+    }
+    .client(&short_opts())
+    .unwrap();
+    let r = fetch(
+        &strict_ports,
+        &redirect_url(server, "http://127.0.0.2:6379/"),
     )
     .await;
-    assert_not_allowed("4 KB redirect hop", r);
+    match r {
+        Outcome::Refused(GuardError::PortNotAllowed { port: 6379, .. }) => {}
+        other => panic!("redirect to port 6379: {other:?}"),
+    }
 
     assert_eq!(trip.connections_so_far().await, 0);
 }
@@ -431,20 +490,12 @@ async fn redirects_to_forbidden_targets_are_refused() {
 async fn redirect_hops_are_capped() {
     let server = start_redirector().await;
     let client = first_hop_policy().client(&short_opts()).unwrap();
-    let r = download_to(
-        &client,
-        &format!("http://{server}/loop"),
-        &short_limits(),
-        Vec::new(),
-        |_, _| {},
-    )
-    .await;
-    match r {
-        Err(e @ DownloadError::DownloadFailed { status: None, .. }) => {
+    match fetch(&client, &format!("http://{server}/loop")).await {
+        Outcome::Refused(e @ GuardError::TooManyRedirects { .. }) => {
             assert!(e.to_string().contains("too many redirects"), "{e}");
             assert_eq!(e.code(), "download_failed");
         }
-        other => panic!("expected DownloadFailed, got {other:?}"),
+        other => panic!("expected TooManyRedirects, got {other:?}"),
     }
 }
 
@@ -473,19 +524,10 @@ async fn user_agent_is_sent() {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let client = UrlPolicy::permissive().client(&short_opts()).unwrap();
-    let mut body = Vec::new();
-    download_to(
-        &client,
-        &format!("http://{addr}/ua"),
-        &short_limits(),
-        &mut body,
-        |_, _| {},
-    )
-    .await
-    .unwrap();
-    assert!(
-        String::from_utf8(body)
-            .unwrap()
-            .starts_with("lipsync-fetch/")
-    );
+    match fetch(&client, &format!("http://{addr}/ua")).await {
+        Outcome::Body(_, _, body) => {
+            assert!(String::from_utf8(body).unwrap().starts_with("lipsync/"))
+        }
+        other => panic!("{other:?}"),
+    }
 }
