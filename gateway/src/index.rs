@@ -5,7 +5,7 @@
 //! delivers only new changes; `watch_all_from_revision` replays the whole history.) The
 //! entry with `seen_current = true` ends the initial load; an empty bucket is loaded at once.
 //!
-//! The index answers `queue_position` and `GET /queue` (design §5: tasks not yet on the
+//! The index answers `queue_position` and `GET /queue` (docs/architecture.md §5: tasks not yet on the
 //! GPU, ordered by `(start_time, task_id)`, 0-based), serves `GET /task` without a NATS
 //! round trip, and fans changes out to WebSockets through a `broadcast` channel: a slow
 //! socket lags (and resyncs from KV) instead of blocking the others.

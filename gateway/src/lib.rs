@@ -1,6 +1,6 @@
 //! lipsync HTTP gateway: the seed-compatible REST API (`POST /sync`, `GET /task/{id}`,
 //! `GET /queue`, `GET /outputs/{id}/{file}`), WebSocket progress, cancellation,
-//! idempotency, uploads, signed webhooks, metrics and the OpenAPI docs (design §5-§6).
+//! idempotency, uploads, signed webhooks, metrics and the OpenAPI docs (docs/architecture.md §5-§6).
 //!
 //! It produces `lipsync.work.fetch` (one `FetchJob` per accepted task) and reads/writes
 //! the KV buckets `lipsync_tasks` and `lipsync_idempotency` and the object store

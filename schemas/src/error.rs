@@ -1,4 +1,4 @@
-//! The closed set of error codes a task can fail with (design §5).
+//! The closed set of error codes a task can fail with (docs/architecture.md §5).
 
 use serde::{Deserialize, Serialize};
 

@@ -57,7 +57,7 @@ impl Stage {
         }
     }
 
-    /// The progress band `[from, to)` the stage reports into (design §5).
+    /// The progress band `[from, to)` the stage reports into (docs/architecture.md §5).
     pub fn progress_band(self) -> (f64, f64) {
         match self {
             Stage::Fetch => (0.0, 0.10),

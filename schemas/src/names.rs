@@ -1,5 +1,5 @@
 //! NATS names: stream, subjects, consumers, buckets. These are part of the wire contract
-//! (design §3): every binary and every deployment manifest uses exactly these.
+//! (docs/architecture.md §3): every binary and every deployment manifest uses exactly these.
 
 use crate::Stage;
 

@@ -1,4 +1,4 @@
-//! The task record stored in KV `lipsync_tasks` (design §5) and served by `GET /task/{id}`.
+//! The task record stored in KV `lipsync_tasks` (docs/architecture.md §5) and served by `GET /task/{id}`.
 
 use std::collections::BTreeMap;
 
@@ -141,7 +141,7 @@ pub struct MediaSummary {
     pub audio_duration_s: f64,
 }
 
-/// Progress of the face/audio join (design §4).
+/// Progress of the face/audio join (docs/architecture.md §4).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinState {
     /// The face stage stored its track.

@@ -1,4 +1,4 @@
-//! Layered configuration shared by every binary (design §8):
+//! Layered configuration shared by every binary (docs/architecture.md §8):
 //! built-in defaults < `configs/*.toml` (or `--config FILE`) < `LIPSYNC_<SECTION>__<KEY>`
 //! environment variables < `--set section.key=value` flags. Unknown keys are errors.
 

@@ -1,4 +1,4 @@
-//! The one frame-decoding recipe every stage uses (design §4: frames must be identical in
+//! The one frame-decoding recipe every stage uses (docs/architecture.md §4: frames must be identical in
 //! every stage that decodes them), and the map from output frames to video frames.
 
 use std::io::Read;
