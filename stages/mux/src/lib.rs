@@ -1,4 +1,4 @@
-//! lipsync mux stage: the last step of a task (design §4).
+//! lipsync mux stage: the last step of a task (docs/architecture.md §4).
 //!
 //! Consumes `lipsync.work.mux` ([`lipsync_schemas::MuxJob`]); produces the artifacts
 //! `<task_id>/result.mp4` and `<task_id>/mask.mp4` (optionally also

@@ -15,7 +15,7 @@ use lipsync_schemas::{Stage, names};
 
 use crate::config::{ArtifactsConfig, NatsConfig, TasksConfig};
 
-/// Lifetime of idempotency keys (design §3: 24 h).
+/// Lifetime of idempotency keys (docs/architecture.md §3: 24 h).
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Errors while connecting or creating the topology.
