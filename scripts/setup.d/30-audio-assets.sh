@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# lipsync-setup: test   (scripts/setup.sh runs this step only with --test: `make test`)
 # Audio-stage test assets (git-ignored, never committed):
 #   tests/assets/generated/mel_filters.npz
 #       Whisper's 80/128-band mel filter bank, `whisper/assets/mel_filters.npz` of the

@@ -1,4 +1,4 @@
-//! schemathesis (PyPI, installed in the venv by `make setup`) against the served
+//! schemathesis (PyPI, installed in the venv by `make setup-test`) against the served
 //! `/openapi.json` of an in-process gateway: no 5xx, every status, content type, header and
 //! body conforms to the document. Bounded: 40 examples per operation, about 10 s.
 //!
@@ -25,7 +25,7 @@ fn schemathesis() -> PathBuf {
         .join("schemathesis");
     assert!(
         bin.exists(),
-        "{} missing: run `make setup` (scripts/requirements-dev.txt installs schemathesis)",
+        "{} missing: run `make setup-test` (scripts/requirements-test.txt installs schemathesis)",
         bin.display()
     );
     bin
