@@ -275,6 +275,23 @@ for e in exprs:
             used.add(re.sub(r"_(bucket|sum|count)$", "", tok))
 (tmp / "used-metrics.txt").write_text("\n".join(sorted(used)) + "\n")
 
+# ---- every alert has a runbook_url naming a section of docs/operations.md
+def slug(h):
+    return re.sub(r"[^a-z0-9 _-]", "", h.strip().lower()).replace(" ", "-")
+ops = pathlib.Path("docs/operations.md").read_text()
+anchors = {slug(m) for m in re.findall(r"(?m)^#+ (.+)$", ops)}
+for path in glob.glob("deploy/prometheus/rules/*.yml"):
+    if path.endswith("_test.yml"):
+        continue
+    for g in load_all(path)[0]["groups"]:
+        for r in g["rules"]:
+            if "alert" not in r:
+                continue
+            url = (r.get("annotations") or {}).get("runbook_url", "")
+            page, _, anchor = url.partition("#")
+            if page != "docs/operations.md" or anchor not in anchors:
+                err(f"{path}: alert {r['alert']}: runbook_url {url!r} is not a section of docs/operations.md")
+
 if errors:
     print("\n".join(errors), file=sys.stderr)
     sys.exit(1)
@@ -303,8 +320,12 @@ sed 's#/etc/prometheus/rules/#'"$ROOT"'/deploy/prometheus/rules/#' deploy/promet
 # Kubernetes service discovery, so its promtool rejects `kubernetes_sd_configs`.
 "$PY" -c 'import sys, ruamel.yaml; ruamel.yaml.YAML(typ="safe", pure=True).load(open(sys.argv[1]))' \
     deploy/prometheus/prometheus.k8s.yml
-"$PROMTOOL" check rules deploy/prometheus/rules/lipsync.yml >/dev/null
-(cd deploy/prometheus/rules && "$PROMTOOL" test rules lipsync_test.yml >/dev/null)
+rule_files=() test_files=()
+for f in deploy/prometheus/rules/*.yml; do
+    case "$f" in *_test.yml) test_files+=("$(basename "$f")") ;; *) rule_files+=("$f") ;; esac
+done
+"$PROMTOOL" check rules "${rule_files[@]}" >/dev/null
+(cd deploy/prometheus/rules && "$PROMTOOL" test rules "${test_files[@]}" >/dev/null)
 "$PROMTOOL" check rules "$tmp/dashboard-rules.yml" >/dev/null ||
     die "a Grafana panel query does not parse (see above)"
 
