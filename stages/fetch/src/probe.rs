@@ -1,28 +1,32 @@
-//! ffprobe / ffmpeg wrappers: media inspection, input validation, audio conversion.
+//! ffprobe / ffmpeg runs of the fetch stage: media inspection, input validation, audio
+//! conversion.
 //!
-//! Every external call runs with a timeout (the child is killed when it expires), reads
-//! only local files (`-protocol_whitelist file`) and only real media containers
-//! (`-format_whitelist`, see [`FORMAT_WHITELIST`]): a downloaded "video" that is really
-//! an HLS playlist or a concat script cannot make ffmpeg fetch URLs or read other local
-//! files. Errors are typed and their messages never contain server paths or raw
-//! ffmpeg output beyond one sanitised line.
+//! Every run goes through the runtime's one wrapper (`lipsync_runtime::media::tool`): a
+//! time limit (the child is killed when it expires), local files and pipes only
+//! (`-protocol_whitelist file,pipe`), real media containers only (`-format_whitelist`,
+//! see [`FORMAT_WHITELIST`]), and playlists, concat lists and text files refused by their
+//! content whatever their name: a downloaded "video" that is really an HLS playlist or a
+//! concat script cannot make ffmpeg fetch URLs or read other local files. Errors are
+//! typed and their messages never contain server paths or raw ffmpeg output beyond one
+//! sanitised line.
 //!
-//! `probe` reads container headers only: a file cut short after its header (an mp4 with
-//! the index at the front) still probes fine. [`MediaTools::check_integrity`] demuxes
-//! every packet (no decoding, I/O bound) and catches such truncation; the fetch stage
-//! runs both.
+//! The limits are checked on what the inputs decode to, not only on what they claim:
+//! `probe` reads container headers only (a Matroska file can declare 10 s and hold hours
+//! of clusters; an MP3's Xing header can claim a tenth of its frames).
+//! [`MediaTools::check_integrity`] demuxes every packet of the video (no decoding, I/O
+//! bound, stopped just past the duration cap), catching truncation and measuring the
+//! real length; [`MediaTools::to_pcm16k_wav`] stops the audio conversion just past the
+//! cap and counts the samples it wrote. The fetch stage runs all three.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
+use lipsync_runtime::media::{MediaCommand, MediaError};
 use serde::{Deserialize, Serialize};
-use tokio::process::Command;
 
-/// Demuxers ffprobe/ffmpeg may use on downloaded inputs. Playlists (hls, dash, concat),
-/// image sequences and text formats (tty, subtitles) are deliberately absent.
-pub const FORMAT_WHITELIST: &str = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,flv,mpegts,mpeg,\
-ogg,wav,w64,mp3,aac,flac,asf,gif,caf,aiff,amr,wv,ape,mxf,dv,m4v";
+/// Demuxers ffprobe/ffmpeg may use on inputs (the runtime wrapper's list). Playlists (hls,
+/// dash, concat), image sequences and text formats (tty, subtitles) are absent.
+pub const FORMAT_WHITELIST: &str = lipsync_runtime::media::tool::FORMATS;
 
 /// A frame rate or other rational number as ffprobe prints it (`30000/1001`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,7 +221,7 @@ pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONVERT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Locations of and time limits for ffprobe/ffmpeg.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MediaTools {
     pub ffprobe: PathBuf,
     pub ffmpeg: PathBuf,
@@ -225,6 +229,11 @@ pub struct MediaTools {
     pub probe_timeout: Duration,
     /// Limit for conversions.
     pub convert_timeout: Duration,
+    /// Longest media accepted, seconds: the integrity check and the audio conversion
+    /// stop [`margin_s`](Self::margin_s) past it and report `input_too_long`.
+    pub max_duration_s: f64,
+    /// How far past `max_duration_s` decoding goes before it stops.
+    pub margin_s: f64,
 }
 
 impl Default for MediaTools {
@@ -234,8 +243,17 @@ impl Default for MediaTools {
             ffmpeg: PathBuf::from("ffmpeg"),
             probe_timeout: DEFAULT_PROBE_TIMEOUT,
             convert_timeout: DEFAULT_CONVERT_TIMEOUT,
+            max_duration_s: 600.0,
+            margin_s: 1.0,
         }
     }
+}
+
+/// What demuxing every packet of an input found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Integrity {
+    /// Length actually held, seconds (the end of the last packet written).
+    pub duration_s: f64,
 }
 
 /// Probes `path` with the default tools and timeout.
@@ -260,64 +278,51 @@ struct ToolOutput {
     stderr: String,
 }
 
-impl MediaTools {
-    async fn run(
-        &self,
-        program: &Path,
-        tool: &'static str,
-        args: &[&std::ffi::OsStr],
-        timeout: Duration,
-    ) -> Result<ToolOutput, ProbeError> {
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| ProbeError::Tool {
-                message: format!("could not start {tool}: {}", e.kind()),
-            })?;
-        match tokio::time::timeout(timeout, child.wait_with_output()).await {
-            Err(_) => Err(ProbeError::Timeout {
-                tool,
-                after: timeout,
-            }),
-            Ok(Err(e)) => Err(ProbeError::Tool {
-                message: format!("{tool} failed to run: {}", e.kind()),
-            }),
-            Ok(Ok(out)) => Ok(ToolOutput {
-                success: out.status.success(),
-                stdout: out.stdout,
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            }),
+/// A wrapper failure as a typed probe error.
+fn media_error(tool: &'static str, timeout: Duration, e: MediaError) -> ProbeError {
+    match e {
+        MediaError::Spawn(_, err) => ProbeError::Tool {
+            message: format!("could not start {tool}: {}", err.kind()),
+        },
+        MediaError::Timeout(_) => ProbeError::Timeout {
+            tool,
+            after: timeout,
+        },
+        MediaError::TooLong(message) => ProbeError::InputTooLong { message },
+        MediaError::Refused(message) | MediaError::Decode(message) => {
+            ProbeError::UnsupportedMedia { message }
         }
+    }
+}
+
+impl MediaTools {
+    /// Runs `cmd` within `timeout` (wall clock and CPU time).
+    async fn run(&self, cmd: MediaCommand, timeout: Duration) -> Result<ToolOutput, ProbeError> {
+        let tool = cmd.tool().name();
+        let out = cmd
+            .cpu_limit(timeout)
+            .run_async(timeout)
+            .await
+            .map_err(|e| media_error(tool, timeout, e))?;
+        Ok(ToolOutput {
+            success: out.status.success(),
+            stdout: out.stdout,
+            stderr: out.stderr,
+        })
+    }
+
+    fn cap_s(&self) -> f64 {
+        self.max_duration_s + self.margin_s.max(0.0)
     }
 
     /// Runs ffprobe on `path` and parses its streams.
     pub async fn probe(&self, path: &Path) -> Result<MediaInfo, ProbeError> {
         check_nonempty(path).await?;
-        let out = self
-            .run(
-                &self.ffprobe,
-                "ffprobe",
-                &[
-                    "-v".as_ref(),
-                    "error".as_ref(),
-                    "-protocol_whitelist".as_ref(),
-                    "file".as_ref(),
-                    "-format_whitelist".as_ref(),
-                    FORMAT_WHITELIST.as_ref(),
-                    "-print_format".as_ref(),
-                    "json".as_ref(),
-                    "-show_format".as_ref(),
-                    "-show_streams".as_ref(),
-                    "-i".as_ref(),
-                    path.as_os_str(),
-                ],
-                self.probe_timeout,
-            )
-            .await?;
+        let cmd = MediaCommand::ffprobe()
+            .program(&self.ffprobe)
+            .args(["-print_format", "json", "-show_format", "-show_streams"])
+            .input(path);
+        let out = self.run(cmd, self.probe_timeout).await?;
         if !out.success {
             tracing::debug!(stderr = %out.stderr, "ffprobe failed");
             return Err(ProbeError::unsupported(format!(
@@ -328,38 +333,20 @@ impl MediaTools {
         parse_ffprobe_json(&out.stdout)
     }
 
-    /// Reads every audio/video packet of `path` without decoding (fast, I/O bound) and
-    /// fails with `UnsupportedMedia` if the file is truncated or corrupt.
-    pub async fn check_integrity(&self, path: &Path) -> Result<(), ProbeError> {
+    /// Reads every audio/video packet of `path` without decoding (fast, I/O bound),
+    /// stopping [`margin_s`](Self::margin_s) past the duration cap. Fails with
+    /// `UnsupportedMedia` if the file is truncated or corrupt, and with `InputTooLong` if
+    /// it holds more than `max_duration_s` whatever its header declares.
+    pub async fn check_integrity(&self, path: &Path) -> Result<Integrity, ProbeError> {
         check_nonempty(path).await?;
-        let out = self
-            .run(
-                &self.ffmpeg,
-                "ffmpeg",
-                &[
-                    "-nostdin".as_ref(),
-                    "-v".as_ref(),
-                    "error".as_ref(),
-                    "-xerror".as_ref(),
-                    "-protocol_whitelist".as_ref(),
-                    "file".as_ref(),
-                    "-format_whitelist".as_ref(),
-                    FORMAT_WHITELIST.as_ref(),
-                    "-i".as_ref(),
-                    path.as_os_str(),
-                    "-map".as_ref(),
-                    "0:v?".as_ref(),
-                    "-map".as_ref(),
-                    "0:a?".as_ref(),
-                    "-c".as_ref(),
-                    "copy".as_ref(),
-                    "-f".as_ref(),
-                    "null".as_ref(),
-                    "-".as_ref(),
-                ],
-                self.probe_timeout,
-            )
-            .await?;
+        let cmd = MediaCommand::ffmpeg()
+            .program(&self.ffmpeg)
+            .arg("-xerror")
+            .input(path)
+            .args(["-map", "0:V?", "-map", "0:a?", "-c", "copy", "-t"])
+            .arg(format!("{:.3}", self.cap_s()))
+            .args(["-nostats", "-progress", "pipe:1", "-f", "null", "-"]);
+        let out = self.run(cmd, self.probe_timeout).await?;
         if !out.success || !out.stderr.trim().is_empty() {
             tracing::debug!(stderr = %out.stderr, "integrity check failed");
             return Err(ProbeError::unsupported(format!(
@@ -367,45 +354,48 @@ impl MediaTools {
                 detail(&out.stderr, path)
             )));
         }
-        Ok(())
+        let duration_s = progress_time_s(&out.stdout).unwrap_or(0.0);
+        if duration_s > self.max_duration_s {
+            return Err(ProbeError::InputTooLong {
+                message: format!(
+                    "the file holds more than {} s of media (whatever its header declares)",
+                    self.max_duration_s
+                ),
+            });
+        }
+        Ok(Integrity { duration_s })
     }
 
     /// Converts the first audio stream of `input` to 16 kHz mono s16le WAV at `output`.
+    /// The conversion stops [`margin_s`](Self::margin_s) past `max_duration_s`; the
+    /// samples written are counted and audio longer than the cap is `InputTooLong`
+    /// (an MP3 whose header claims less than it holds is caught here).
     pub async fn to_pcm16k_wav(&self, input: &Path, output: &Path) -> Result<(), ProbeError> {
         check_nonempty(input).await?;
-        let out = self
-            .run(
-                &self.ffmpeg,
-                "ffmpeg",
-                &[
-                    "-nostdin".as_ref(),
-                    "-v".as_ref(),
-                    "error".as_ref(),
-                    "-y".as_ref(),
-                    "-protocol_whitelist".as_ref(),
-                    "file".as_ref(),
-                    "-format_whitelist".as_ref(),
-                    FORMAT_WHITELIST.as_ref(),
-                    "-i".as_ref(),
-                    input.as_os_str(),
-                    "-map".as_ref(),
-                    "0:a:0".as_ref(),
-                    "-vn".as_ref(),
-                    "-sn".as_ref(),
-                    "-dn".as_ref(),
-                    "-ac".as_ref(),
-                    "1".as_ref(),
-                    "-ar".as_ref(),
-                    "16000".as_ref(),
-                    "-c:a".as_ref(),
-                    "pcm_s16le".as_ref(),
-                    "-f".as_ref(),
-                    "wav".as_ref(),
-                    output.as_os_str(),
-                ],
-                self.convert_timeout,
-            )
-            .await?;
+        let cmd = MediaCommand::ffmpeg()
+            .program(&self.ffmpeg)
+            .arg("-y")
+            .input(input)
+            .args([
+                "-map",
+                "0:a:0",
+                "-vn",
+                "-sn",
+                "-dn",
+                "-map_metadata",
+                "-1",
+                "-ac",
+                "1",
+                "-ar",
+                "16000",
+                "-c:a",
+                "pcm_s16le",
+                "-t",
+            ])
+            .arg(format!("{:.3}", self.cap_s()))
+            .args(["-f", "wav"])
+            .output(output);
+        let out = self.run(cmd, self.convert_timeout).await?;
         if !out.success {
             tracing::debug!(stderr = %out.stderr, "audio conversion failed");
             let mut d = detail(&out.stderr, input);
@@ -417,8 +407,83 @@ impl MediaTools {
                 "the audio could not be decoded{d}"
             )));
         }
+        let samples = wav_samples(output).await?;
+        let secs = samples as f64 / 16_000.0;
+        if secs > self.max_duration_s {
+            return Err(ProbeError::InputTooLong {
+                message: format!(
+                    "the audio decodes to more than {} s (whatever its header declares)",
+                    self.max_duration_s
+                ),
+            });
+        }
+        if samples == 0 {
+            return Err(ProbeError::unsupported("the audio decodes to no samples"));
+        }
         Ok(())
     }
+}
+
+/// The last `out_time_us` of ffmpeg's `-progress` output, in seconds.
+fn progress_time_s(stdout: &[u8]) -> Option<f64> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("out_time_us="))
+        .filter_map(|v| v.trim().parse::<i64>().ok())
+        .filter(|v| *v >= 0)
+        .last()
+        .map(|us| us as f64 / 1e6)
+}
+
+/// Number of 16-bit mono samples in the `data` chunk of a WAV file written by ffmpeg.
+async fn wav_samples(path: &Path) -> Result<u64, ProbeError> {
+    // Only the chunk list at the start is read, never the samples.
+    let mut f = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| ProbeError::Tool {
+            message: format!("the converted audio cannot be read: {}", e.kind()),
+        })?;
+    let len = f
+        .metadata()
+        .await
+        .map_err(|e| ProbeError::Tool {
+            message: format!("the converted audio cannot be read: {}", e.kind()),
+        })?
+        .len();
+    let mut head = vec![0u8; 4096.min(len as usize)];
+    use tokio::io::AsyncReadExt;
+    f.read_exact(&mut head)
+        .await
+        .map_err(|e| ProbeError::Tool {
+            message: format!("the converted audio cannot be read: {}", e.kind()),
+        })?;
+    data_chunk(&head, len)
+        .ok_or_else(|| ProbeError::unsupported("the converted audio is not a WAV file"))
+}
+
+/// The sample count of the `data` chunk from a WAV header; a size
+/// field of 0 or 0xFFFFFFFF (streamed output) means "to the end of the file".
+fn data_chunk(head: &[u8], file_len: u64) -> Option<u64> {
+    if head.len() < 12 || &head[..4] != b"RIFF" || &head[8..12] != b"WAVE" {
+        return None;
+    }
+    let mut pos = 12usize;
+    while pos + 8 <= head.len() {
+        let id = &head[pos..pos + 4];
+        let size = u32::from_le_bytes(head[pos + 4..pos + 8].try_into().ok()?) as u64;
+        let body = pos as u64 + 8;
+        if id == b"data" {
+            let avail = file_len.saturating_sub(body);
+            let size = if size == 0 || size == u64::from(u32::MAX) {
+                avail
+            } else {
+                size.min(avail)
+            };
+            return Some(size / 2);
+        }
+        pos = usize::try_from(body + size + (size & 1)).ok()?;
+    }
+    None
 }
 
 async fn check_nonempty(path: &Path) -> Result<(), ProbeError> {
