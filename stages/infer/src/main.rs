@@ -41,6 +41,11 @@ enum Cmd {
         /// configured `infer.deepcache_interval` only.
         #[arg(long, value_delimiter = ',')]
         deepcache: Vec<u32>,
+        /// Run at this model resolution instead of the profile's (the graphs take any
+        /// multiple of 8; the crop box scales with it): e.g. the tiny profile at 512 px to
+        /// time LatentSync 1.6's latent size. For benchmarks only.
+        #[arg(long)]
+        resolution: Option<usize>,
     },
 }
 
@@ -66,9 +71,10 @@ async fn main() {
             guidance,
             out,
             deepcache,
+            resolution,
         }) => {
             let res = tokio::task::spawn_blocking(move || {
-                bench(&cfg, &video, steps, guidance, out, &deepcache)
+                bench(&cfg, &video, steps, guidance, out, &deepcache, resolution)
             })
             .await
             .expect("bench thread");
@@ -87,6 +93,7 @@ fn bench(
     guidance: f64,
     out: Option<PathBuf>,
     intervals: &[u32],
+    resolution: Option<usize>,
 ) -> anyhow::Result<()> {
     use lipsync_infer::engine::{Device, Engine, EngineExtras, EngineOptions};
     use lipsync_infer::mask::Mask;
@@ -107,7 +114,18 @@ fn bench(
     while reader.read_into(&mut buf)? {
         n += 1;
     }
-    let params = stage.params(steps, guidance, 1247);
+    let mut params = stage.params(steps, guidance, 1247);
+    if let Some(r) = resolution {
+        anyhow::ensure!(
+            r >= 64 && r.is_multiple_of(8),
+            "--resolution must be a multiple of 8, at least 64"
+        );
+        let g = &mut params.geometry;
+        let scale = r as f64 / g.resolution as f64;
+        g.crop_w = (g.crop_w as f64 * scale).round() as usize;
+        g.crop_h = (g.crop_h as f64 * scale).round() as usize;
+        g.resolution = r;
+    }
     let g = params.geometry;
     let track = lipsync_infer::synthetic::face_track(
         w,
