@@ -461,7 +461,7 @@ def ddim_timesteps(steps: int, train: int = 1000, offset: int = 1) -> list:
 
 
 def smoke_pipeline(w, enc, u, dec, img, mel, steps, guidance, scale=0.18215):
-    """Minimal numpy rendition of one chunk of the reference flow (latentsync.md §1, §3, §5),
+    """Minimal numpy rendition of one chunk of the reference flow (docs/architecture.md §9.1, §9.3, §9.5),
     only to prove the four models compose; the real implementation is the Rust infer stage."""
     f = img.shape[0]
     hs = w.run(None, {"mel": mel})[0][0].transpose(1, 0, 2)  # (1500, 5, 384)

@@ -1,5 +1,5 @@
 //! Whisper's log-mel spectrogram, computed exactly as Whisper's `log_mel_spectrogram`
-//! (latentsync.md §3): 16 kHz, 400-point periodic Hann window, hop 160, centred STFT with
+//! (docs/architecture.md §9.3): 16 kHz, 400-point periodic Hann window, hop 160, centred STFT with
 //! reflect padding and the last frame dropped, `|X|^2`, 80 Slaney mel filters, `log10` of
 //! the clamp at 1e-10, floor at the global maximum - 8, then `(x + 4) / 4`.
 //!

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Whisper's log-mel recipe in NumPy only (latentsync.md §3), as the reference the Rust
+"""Whisper's log-mel recipe in NumPy only (docs/architecture.md §9.3), as the reference the Rust
 implementation is checked and benchmarked against.
 
     mel_ref.py AUDIO --filters mel_filters.npz --out mel.npy [--time]

@@ -1,4 +1,4 @@
-//! The profile's keep-mask (latentsync.md §4): 255 = keep the original pixel, 0 =
+//! The profile's keep-mask (docs/architecture.md §9.4): 255 = keep the original pixel, 0 =
 //! generate. Read once at start-up, resized to the model resolution (Lanczos, like the
 //! reference's LANCZOS4) and to the latent size (nearest, like `F.interpolate`).
 

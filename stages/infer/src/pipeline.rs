@@ -6,7 +6,7 @@
 //!                                                                         UNet, VAE)
 //! ```
 //!
-//! Per 16-frame chunk (the last shorter; latentsync.md §1, §5): VAE-encode the masked and
+//! Per 16-frame chunk (the last shorter; docs/architecture.md §9.1, §9.5): VAE-encode the masked and
 //! the reference crops (posterior mean, or a seeded sample), scale by 0.18215; start from
 //! the job's one noise tensor `(1,4,1,h,w)` repeated over the frames; run DDIM with the
 //! UNet input `[noise 4 | mask 1 | masked 4 | reference 4]` and classifier-free guidance

@@ -1,5 +1,5 @@
 //! Pasting a generated face back into its frame, as the reference's restore step does
-//! (`../shared/latentsync.md` §4):
+//! (docs/architecture.md §9.4):
 //!
 //! 1. the R x R crop is resized to the crop box (bicubic, anti-aliased; [`CropResizer`]);
 //! 2. it is inverse-warped into the frame (the 2x3 affine inverted, bilinear);
