@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Runs the four Python snippets of the seed API guide (../shared/seed/, sections
+"""Runs the four Python snippets of the original LatentSync API guide (its sections
 "1. 提交唇形同步任务", "2. 查询任务状态", "3. 获取处理结果", "4. 查看队列状态") against a
 running gateway, unchanged apart from:
 
