@@ -58,8 +58,9 @@ impl InferStage {
             intra_threads: cfg.infer.intra_threads,
             dylib: cfg.infer.ort_dylib_path.clone(),
         };
+        let extras = crate::engine::EngineExtras::from_config(cfg)?;
         let engines = (0..cfg.infer.gpu_workers.max(1))
-            .map(|id| Engine::load(&profile, &opts, id))
+            .map(|id| Engine::load_with(&profile, &opts, &extras, id))
             .collect::<Result<Vec<_>, _>>()?;
         tracing::info!(
             profile = %profile.name,

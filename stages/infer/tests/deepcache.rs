@@ -185,3 +185,38 @@ fn a_profile_without_the_deepcache_pair_refuses_an_interval() {
     assert!(msg.contains("deepcache_interval = 3"), "{msg}");
     assert!(msg.contains("make models"), "{msg}");
 }
+
+#[test]
+fn the_stage_takes_the_interval_from_its_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let video = clip(dir.path(), 16);
+    let mut cfg = config();
+    cfg.infer.deepcache_interval = 3;
+    let stage = InferStage::new(&cfg).unwrap();
+    let params = stage.params(7, 1.5, 5);
+    let g = params.geometry;
+    let track = synthetic::face_track(
+        320,
+        240,
+        16,
+        g.crop_w as u32,
+        g.crop_h as u32,
+        g.resolution as u32,
+    );
+    let features = synthetic::features(16, 1);
+    let report = stage
+        .run_blocking(
+            &params,
+            &video,
+            &track,
+            &features,
+            &dir.path().join("c.mkv"),
+            &mut Go,
+        )
+        .unwrap();
+    assert_eq!(report.unet_schedule, vec!["FSSFSSF".to_owned()]);
+    assert_eq!(
+        lipsync_infer::engine::provider_info().map(|i| i.deepcache_interval),
+        Some(3)
+    );
+}
