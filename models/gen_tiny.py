@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE))
 import gen_mask  # noqa: E402
 
 PROFILE = "tiny"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SEED = 1247  # LatentSync's default inference seed
 OPSET = 17
 IR_VERSION = 8  # opset 17 needs IR >= 8; ONNX Runtime 1.31 loads it
@@ -288,8 +288,11 @@ def build_unet(rng, variant: str = "plain") -> onnx.ModelProto:
     d5 = g.op("Add", [d5, g.op("Mul", [tm, g.f32(0.5)])])
     d = g.op("Reshape", [d5, d_shape])
 
-    # up (nearest, to the skip's exact size) + skip
-    u = g.op("Resize", [d, "", "", g.op("Shape", [h1])], mode="nearest",
+    # up (nearest, to the skip's exact spatial size; batch and channels kept) + skip.
+    # (Generator 1 passed the skip's whole shape, channels included: a 16 -> 8 channel
+    # "resize" that only ONNX Runtime's full optimisation level happened to run.)
+    up_size = g.op("Concat", [g.shape_slice(d_shape, 0, 2), g.shape_slice(g.op("Shape", [h1]), 2, 4)], axis=0)
+    u = g.op("Resize", [d, "", "", up_size], mode="nearest",
              coordinate_transformation_mode="asymmetric", nearest_mode="floor")
     deep = g.conv(u, C2, C)  # [BF,C,h,w]: the DeepCache deep feature
     u = g.silu(g.op("Add", [deep, h1], p="skip"))

@@ -198,7 +198,8 @@ fn environment(dylib: Option<&Path>) -> Result<Arc<Environment>> {
 pub struct Engine {
     vae_encoder: Session,
     vae_decoder: Session,
-    unet: Session,
+    /// The plain UNet (None with DeepCache: its full-step graph holds the same weights).
+    unet: Option<Session>,
     /// DeepCache full and shallow steps (when `deepcache_interval > 0`).
     deepcache: Option<(Session, Session)>,
     deepcache_interval: u32,
@@ -298,7 +299,11 @@ impl Engine {
             Ok(Self {
                 vae_encoder: open("vae_encoder")?,
                 vae_decoder: open("vae_decoder")?,
-                unet: open("unet")?,
+                unet: if deepcache.is_none() {
+                    Some(open("unet")?)
+                } else {
+                    None
+                },
                 deepcache,
                 deepcache_interval: extras.deepcache_interval,
                 provider: if gpu {
@@ -408,7 +413,12 @@ impl Engine {
         let timestep = TensorRef::from_array_view(([1usize], &timestep[..]))?;
         let tokens = audio.len() / (b * f * 384).max(1);
         let audio = TensorRef::from_array_view(([b * f, tokens, 384], audio))?;
-        let out = self.unet.run(ort::inputs![
+        let Some(unet) = self.unet.as_mut() else {
+            return Err(InferError::Model(
+                "the plain UNet is not loaded (DeepCache is on)".into(),
+            ));
+        };
+        let out = unet.run(ort::inputs![
             "sample" => sample,
             "timestep" => timestep,
             "encoder_hidden_states" => audio,
