@@ -257,8 +257,9 @@ impl TaskView {
 /// One waiting task in `GET /queue`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct QueuedTask {
-    /// Task id.
-    pub task_id: String,
+    /// Task id; null for another tenant's task (its position only).
+    #[schema(nullable)]
+    pub task_id: Option<String>,
     /// 0-based position in submission order.
     pub position: u64,
 }
@@ -272,6 +273,16 @@ pub struct QueueResponse {
     pub is_processing: bool,
     /// The waiting tasks in submission order.
     pub queued_tasks: Vec<QueuedTask>,
+}
+
+/// `GET /tasks` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TaskList {
+    /// The tasks of this page, newest first.
+    pub tasks: Vec<TaskView>,
+    /// Pass as `?cursor=` for the next page; null after the last one.
+    #[schema(nullable)]
+    pub next_cursor: Option<String>,
 }
 
 /// `GET /health` answer (the public implementation's shape).
@@ -290,6 +301,10 @@ pub struct ReadyResponse {
     pub nats: bool,
     /// Whether the task index finished its initial load.
     pub index_loaded: bool,
+    /// Whether every stage has a live consumer (a worker waiting for or holding work).
+    pub stages_live: bool,
+    /// Per stage (fetch, face, audio, infer, mux): whether it has a live consumer.
+    pub stages: BTreeMap<String, bool>,
 }
 
 fn enum_schema(values: &[&str], nullable: bool) -> RefOr<Schema> {

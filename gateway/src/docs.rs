@@ -37,9 +37,14 @@ audio with `POST /sync`, follow the task with `GET /task/{task_id}` (or the WebS
 closes after `completed`/`failed`; `GET /ws` streams progress events of all tasks), and \
 download `output_video_url`.\n\n\
 Errors are JSON `{\"error\": {\"code\", \"message\"}}`. Unknown request fields are ignored. \
-When the server has API keys configured, send `Authorization: Bearer <key>` (WebSockets may \
-use `?access_token=<key>`); `/health`, `/healthz`, `/readyz`, `/metrics` and the docs are \
-always open.\n\n\
+When the server has API keys configured, send `Authorization: Bearer <key>` (the \
+`bearer` security scheme; WebSocket routes also accept `?access_token=<key>`, no other route \
+does). Keys belong to tenants: a key sees and manages only its tenant's tasks (`GET /tasks` \
+lists them), another tenant's task answers 404 like an unknown id, and `GET /queue` shows \
+other tenants' waiting tasks by position only; admin keys see all. Tenant quotas and rate \
+limits answer 429 with `Retry-After`. `/health`, `/healthz`, `/readyz` and the docs are \
+always open; `/metrics` may need an admin key. Browsers: state-changing requests and \
+WebSockets from another origin are refused (403) unless the origin is allowed.\n\n\
 Webhooks: `webhook_url` receives a POST of the final task record with headers \
 `X-Lipsync-Timestamp` and `X-Lipsync-Signature: sha256=<hex HMAC-SHA256 of \
 \"<timestamp>.<body>\">`.";
@@ -49,17 +54,19 @@ Webhooks: `webhook_url` receives a POST of the final task record with headers \
     info(title = "lipsync", description = DESCRIPTION, license(name = "Apache-2.0")),
     paths(
         crate::submit::sync,
-        crate::routes::get_task,
-        crate::routes::cancel_task,
-        crate::routes::queue,
+        crate::tasks::list_tasks,
+        crate::tasks::get_task,
+        crate::tasks::cancel_task,
+        crate::tasks::queue,
         crate::outputs::output,
         crate::outputs::result_alias,
-        crate::routes::health,
-        crate::routes::healthz,
-        crate::routes::readyz,
+        crate::health::health,
+        crate::health::healthz,
+        crate::health::readyz,
         metrics_doc,
     ),
     components(schemas(crate::error::ErrorBody, crate::error::ErrorDetail, crate::error::ApiErrorCode)),
+    modifiers(&BearerAuth),
     tags(
         (name = "tasks", description = "Submit, follow, cancel"),
         (name = "outputs", description = "Result videos"),
@@ -68,9 +75,34 @@ Webhooks: `webhook_url` receives a POST of the final task record with headers \
 )]
 struct ApiDoc;
 
+/// Declares the `bearer` security scheme (API keys), so `/docs` can send a key.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("API key: `Authorization: Bearer <key>`"))
+                    .build(),
+            ),
+        );
+    }
+}
+
 /// `GET /metrics` (documentation only; the handler lives in `metrics`).
 #[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
+    responses(
+        (status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
+        (status = 401, description = "Missing or wrong API key (with `gateway.metrics_require_admin`)", body = crate::error::ErrorBody),
+        (status = 403, description = "Not an admin key (with `gateway.metrics_require_admin`)", body = crate::error::ErrorBody),
+        (status = 429, description = "Too many failed authentications", body = crate::error::ErrorBody),
+    ),
+    security((), ("bearer" = [])))]
 #[allow(dead_code)]
 fn metrics_doc() {}
 

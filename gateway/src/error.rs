@@ -25,6 +25,12 @@ pub enum ApiErrorCode {
     MethodNotAllowed,
     /// Missing or wrong API key.
     Unauthorized,
+    /// The key is valid but may not do this (admin-only route, refused `Origin`).
+    Forbidden,
+    /// A tenant quota (queued or processing tasks) is exhausted; see Retry-After.
+    QuotaExceeded,
+    /// The client sent its request (upload) too slowly.
+    RequestTimeout,
     /// The same Idempotency-Key was used with a different body, or is still in progress.
     IdempotencyConflict,
     /// The task already completed and cannot be cancelled.
@@ -69,6 +75,20 @@ pub enum ApiError {
     /// Missing or wrong API key.
     #[error("missing or invalid API key (use `Authorization: Bearer <key>`)")]
     Unauthorized,
+    /// Not allowed for this key or origin.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Tenant quota exhausted.
+    #[error("{message}")]
+    QuotaExceeded {
+        /// Which quota.
+        message: String,
+        /// Suggested wait in seconds.
+        retry_after_s: u64,
+    },
+    /// The upload deadline passed.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// Idempotency-Key conflict.
     #[error("{0}")]
     IdempotencyConflict(String),
@@ -124,6 +144,9 @@ impl ApiError {
             ApiError::NotFound(_) => ApiErrorCode::NotFound,
             ApiError::MethodNotAllowed => ApiErrorCode::MethodNotAllowed,
             ApiError::Unauthorized => ApiErrorCode::Unauthorized,
+            ApiError::Forbidden(_) => ApiErrorCode::Forbidden,
+            ApiError::QuotaExceeded { .. } => ApiErrorCode::QuotaExceeded,
+            ApiError::RequestTimeout(_) => ApiErrorCode::RequestTimeout,
             ApiError::IdempotencyConflict(_) => ApiErrorCode::IdempotencyConflict,
             ApiError::TaskFinished => ApiErrorCode::TaskFinished,
             ApiError::PayloadTooLarge { .. } => ApiErrorCode::PayloadTooLarge,
@@ -147,6 +170,9 @@ impl ApiError {
             ApiErrorCode::NotFound => StatusCode::NOT_FOUND,
             ApiErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ApiErrorCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+            ApiErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiErrorCode::IdempotencyConflict | ApiErrorCode::TaskFinished => StatusCode::CONFLICT,
             ApiErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiErrorCode::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
@@ -162,9 +188,11 @@ impl ApiError {
         match status.as_u16() {
             400 => ApiError::InvalidJson("bad request".into()),
             401 => ApiError::Unauthorized,
+            403 => ApiError::Forbidden("forbidden".into()),
             404 => ApiError::NotFound("not found".into()),
             405 => ApiError::MethodNotAllowed,
-            408 | 504 => ApiError::Timeout,
+            408 => ApiError::RequestTimeout("request timed out".into()),
+            504 => ApiError::Timeout,
             413 => ApiError::PayloadTooLarge { limit: 0 },
             415 => ApiError::UnsupportedMediaType("unsupported content type".into()),
             422 => ApiError::InvalidRequest("invalid request".into()),
@@ -216,9 +244,9 @@ impl IntoResponse for ApiError {
         };
         let mut resp = (status, axum::Json(body)).into_response();
         let retry_after = match &self {
-            ApiError::RateLimited { retry_after_s } | ApiError::QueueFull { retry_after_s } => {
-                Some(*retry_after_s)
-            }
+            ApiError::RateLimited { retry_after_s }
+            | ApiError::QueueFull { retry_after_s }
+            | ApiError::QuotaExceeded { retry_after_s, .. } => Some(*retry_after_s),
             ApiError::Unavailable(_) => Some(1),
             _ => None,
         };
@@ -249,6 +277,12 @@ mod tests {
             ApiError::NotFound(String::new()),
             ApiError::MethodNotAllowed,
             ApiError::Unauthorized,
+            ApiError::Forbidden(String::new()),
+            ApiError::QuotaExceeded {
+                message: String::new(),
+                retry_after_s: 1,
+            },
+            ApiError::RequestTimeout(String::new()),
             ApiError::IdempotencyConflict(String::new()),
             ApiError::TaskFinished,
             ApiError::PayloadTooLarge { limit: 1 },

@@ -125,6 +125,11 @@ impl State {
     }
 }
 
+fn parse_cursor(c: &str) -> Option<QueueKey> {
+    let (bits, id) = c.split_once('.')?;
+    Some((u64::from_str_radix(bits, 16).ok()?, id.to_owned()))
+}
+
 /// Shared handle on the index.
 #[derive(Clone)]
 pub struct TaskIndex {
@@ -232,6 +237,54 @@ impl TaskIndex {
     /// Number of waiting tasks.
     pub fn queue_length(&self) -> usize {
         self.read().waiting.len()
+    }
+
+    /// One page of the cached records `keep` accepts, newest first (by creation time,
+    /// then id), starting after `cursor` (the previous page's `next_cursor`). Returns
+    /// the page and the cursor of the next one (`None` after the last page).
+    pub fn list_page(
+        &self,
+        keep: impl Fn(&TaskRecord) -> bool,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> (Vec<Arc<TaskRecord>>, Option<String>) {
+        let after = cursor.and_then(parse_cursor);
+        let mut hits: Vec<(QueueKey, Arc<TaskRecord>)> = {
+            let st = self.read();
+            st.records
+                .values()
+                .filter(|c| c.seen.elapsed() < self.ttl && keep(&c.record))
+                .map(|c| (queue_key(&c.record), c.record.clone()))
+                .filter(|(k, _)| after.as_ref().is_none_or(|a| k < a))
+                .collect()
+        };
+        hits.sort_by(|a, b| b.0.cmp(&a.0));
+        let more = hits.len() > limit;
+        hits.truncate(limit);
+        let next = if more {
+            hits.last().map(|(k, _)| format!("{:016x}.{}", k.0, k.1))
+        } else {
+            None
+        };
+        (hits.into_iter().map(|(_, r)| r).collect(), next)
+    }
+
+    /// Non-terminal cached records `keep` accepts: (queued, processing) counts.
+    pub fn count_active(&self, keep: impl Fn(&TaskRecord) -> bool) -> (usize, usize) {
+        let st = self.read();
+        let mut counts = (0, 0);
+        for c in st.records.values() {
+            let r = &c.record;
+            if r.status.is_terminal() || !keep(r) {
+                continue;
+            }
+            if r.status == lipsync_schemas::Status::Queued {
+                counts.0 += 1;
+            } else {
+                counts.1 += 1;
+            }
+        }
+        counts
     }
 
     fn sweep(&self) {

@@ -10,8 +10,15 @@
 //! # Layout
 //! - [`error`]: `ApiError`, the exhaustive status mapping and JSON error bodies;
 //! - [`api`]: request/response bodies and their OpenAPI schemas;
-//! - `routes`, `submit`, `outputs`, `ws`: handlers; `auth`: API keys and rate limit;
+//! - `router`: the one place the router and every layer (auth, origin check, request
+//!   ids and access log, concurrency limit, timeouts, metrics, CORS) are put together;
+//! - `server`: the connection loop (header-read and idle timeouts, connection cap);
+//! - `tasks`, `health`, `submit` (JSON intake, upload, idempotency, validation),
+//!   `outputs`, `ws`: handlers; `auth`: tenants, API keys and rate limits;
 //! - `metrics`, `webhook`, `docs`: what their names say.
+//!
+//! Handlers share the task helpers of [`AppState`]: [`AppState::load`] (index, else
+//! KV), `load_for` (the same, answering 404 for another tenant's task) and `view`.
 //!
 //! Run with `lipsync-gateway [--config FILE] [--set gateway.listen=0.0.0.0:8000]`; tests
 //! call [`start`] with `gateway.listen = 127.0.0.1:0`.
@@ -20,11 +27,14 @@ pub mod api;
 mod auth;
 mod docs;
 pub mod error;
+mod health;
 pub mod index;
 mod metrics;
 mod outputs;
-mod routes;
+mod router;
+mod server;
 mod submit;
+mod tasks;
 mod webhook;
 mod ws;
 
@@ -35,10 +45,11 @@ use std::time::Duration;
 use anyhow::Context;
 use async_nats::jetstream::{self, kv};
 use axum::Router;
-use lipsync_fetch::guard::{IpNet, UrlPolicy};
+use lipsync_netguard::{PolicySettings, UrlPolicy};
 use lipsync_runtime::artifacts::{ArtifactStore, NatsArtifacts};
 use lipsync_runtime::config::GatewayConfig;
 use lipsync_runtime::{Config, TaskStore};
+use lipsync_schemas::TaskRecord;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -53,6 +64,8 @@ pub struct AppState(Arc<Inner>);
 /// The shared state behind [`AppState`] (fields are internal).
 pub struct Inner {
     pub(crate) gw: GatewayConfig,
+    /// NATS settings (the admission limit).
+    pub(crate) nats: lipsync_runtime::config::NatsConfig,
     pub(crate) tasks: TaskStore,
     pub(crate) idempotency: kv::Store,
     pub(crate) artifacts: Arc<dyn ArtifactStore>,
@@ -61,7 +74,11 @@ pub struct Inner {
     pub(crate) index: TaskIndex,
     pub(crate) metrics: metrics::GatewayMetrics,
     pub(crate) policy: UrlPolicy,
+    pub(crate) webhook_policy: UrlPolicy,
     pub(crate) auth: auth::Auth,
+    pub(crate) requests: Arc<tokio::sync::Semaphore>,
+    pub(crate) ws: ws::Sockets,
+    pub(crate) stages: health::StageLiveness,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -78,22 +95,67 @@ impl AppState {
         &self.index
     }
 
+    /// A record by id from the index, else from KV (records the index has not seen yet
+    /// or evicted). Malformed ids are simply unknown.
+    pub(crate) async fn load(&self, task_id: &str) -> error::Result<(Arc<TaskRecord>, u64)> {
+        if !lipsync_runtime::tasks::valid_key(task_id) {
+            return Err(unknown_task());
+        }
+        if let Some(hit) = self.index.get(task_id) {
+            return Ok(hit);
+        }
+        match self.tasks.get(task_id).await {
+            Ok(Some((rec, rev))) => {
+                self.index.apply(rev, rec.clone());
+                Ok((Arc::new(rec), rev))
+            }
+            Ok(None) => Err(unknown_task()),
+            Err(e) => Err(ApiError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// [`load`](Self::load) for `caller`: another tenant's task is answered exactly as an
+    /// unknown id (404, same body).
+    pub(crate) async fn load_for(
+        &self,
+        caller: &auth::Caller,
+        task_id: &str,
+    ) -> error::Result<(Arc<TaskRecord>, u64)> {
+        let (rec, rev) = self.load(task_id).await?;
+        if !caller.may_access(&rec) {
+            return Err(unknown_task());
+        }
+        Ok((rec, rev))
+    }
+
+    /// The public view of a record with its current queue position.
+    pub(crate) fn view(&self, rec: &TaskRecord) -> api::TaskView {
+        api::TaskView::from_record(rec, self.index.position(&rec.task_id))
+    }
+
     /// Connect to NATS, bootstrap the topology (no stage consumer), start the task watch
     /// (and webhook delivery) and return the state. Background work stops on `shutdown`.
     ///
     /// # Errors
-    /// NATS unreachable, topology conflicts, or an invalid network policy in `fetch.*`.
+    /// NATS unreachable, topology conflicts, an invalid network policy in `fetch.*` or
+    /// `gateway.webhook_*`, or unreadable key/secret files.
     pub async fn connect(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
         let policy = url_policy(cfg)?;
+        let webhook_policy = webhook_policy(cfg)?;
+        let auth = auth::Auth::from_config(&cfg.gateway)?;
+        let webhook_secret = auth::webhook_secret(&cfg.gateway)?;
         let client = lipsync_runtime::nats::connect(&cfg.nats, "lipsync-gateway").await?;
         let js = jetstream::new(client.clone());
         let (topo, _) =
-            lipsync_runtime::nats::bootstrap(&js, &cfg.nats, &cfg.tasks, &cfg.artifacts, None)
-                .await?;
+            lipsync_runtime::nats::bootstrap(&js, &cfg.nats, &cfg.tasks, &cfg.artifacts).await?;
         let index = TaskIndex::new(Duration::from_secs(cfg.tasks.ttl_s.max(1)));
         let metrics = metrics::GatewayMetrics::new()?;
         let state = AppState(Arc::new(Inner {
-            gw: gateway_settings(cfg),
+            nats: cfg.nats.clone(),
+            gw: GatewayConfig {
+                webhook_secret,
+                ..gateway_settings(cfg)
+            },
             tasks: TaskStore::new(topo.tasks.clone()),
             idempotency: topo.idempotency.clone(),
             artifacts: Arc::new(NatsArtifacts::new(topo.artifacts.clone())),
@@ -101,11 +163,17 @@ impl AppState {
             client,
             index: index.clone(),
             metrics,
-            policy: policy.clone(),
-            auth: auth::Auth::new(&cfg.gateway),
+            policy,
+            webhook_policy,
+            auth,
+            requests: Arc::new(tokio::sync::Semaphore::new(
+                cfg.gateway.max_concurrent_requests.max(1),
+            )),
+            ws: ws::Sockets::default(),
+            stages: health::StageLiveness::default(),
             shutdown: shutdown.clone(),
         }));
-        let hooks = webhook::Webhooks::new(&state, &policy)?;
+        let hooks = webhook::Webhooks::new(&state)?;
         let watch_state = state.clone();
         tokio::spawn(index.run_watch(topo.tasks, shutdown, move |rec| {
             watch_state.metrics.observe_record(rec);
@@ -117,27 +185,39 @@ impl AppState {
     }
 }
 
+fn unknown_task() -> ApiError {
+    ApiError::NotFound("no such task".into())
+}
+
+/// The download policy (`fetch.*`): what `video_url`/`audio_url` may point at.
 fn url_policy(cfg: &Config) -> anyhow::Result<UrlPolicy> {
-    let allow_cidrs = cfg
-        .fetch
-        .allow_cidrs
-        .iter()
-        .map(|c| {
-            c.parse::<IpNet>()
-                .map_err(|e| anyhow::anyhow!("fetch.allow_cidrs `{c}`: {e}"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(UrlPolicy {
+    UrlPolicy::from_settings(&PolicySettings {
+        section: "fetch",
         allow_private_networks: cfg.fetch.allow_private_networks,
-        allow_cidrs,
+        allow_cidrs: &cfg.fetch.allow_cidrs,
+        allowed_ports: &cfg.fetch.allowed_ports,
+        nat64_prefixes: &cfg.fetch.nat64_prefixes,
         max_url_len: cfg.fetch.max_url_len,
-        ..UrlPolicy::default()
     })
+    .map_err(anyhow::Error::msg)
+}
+
+/// The webhook policy (`gateway.webhook_*`, NAT64 prefixes from `fetch.nat64_prefixes`).
+fn webhook_policy(cfg: &Config) -> anyhow::Result<UrlPolicy> {
+    UrlPolicy::from_settings(&PolicySettings {
+        section: "gateway.webhook",
+        allow_private_networks: cfg.gateway.webhook_allow_private_networks,
+        allow_cidrs: &cfg.gateway.webhook_allow_cidrs,
+        allowed_ports: &cfg.gateway.webhook_allowed_ports,
+        nat64_prefixes: &cfg.fetch.nat64_prefixes,
+        max_url_len: cfg.fetch.max_url_len,
+    })
+    .map_err(anyhow::Error::msg)
 }
 
 /// The gateway's router with every route and middleware.
 pub fn app(state: AppState) -> Router {
-    routes::router(state)
+    router::router(state)
 }
 
 /// A running gateway.
@@ -167,25 +247,52 @@ impl Gateway {
 /// NATS unreachable, bootstrap failed, or the address cannot be bound.
 pub async fn start(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<Gateway> {
     let state = AppState::connect(cfg, shutdown.clone()).await?;
-    if cfg.gateway.api_keys.is_empty() {
-        tracing::warn!(
-            "no gateway.api_keys configured: the API is open to anyone who can reach it"
-        );
+    let gw = &cfg.gateway;
+    if state.auth.is_open() {
+        if gw.listen.ip().is_loopback() {
+            tracing::warn!(
+                "no API keys configured: the API is open to every local client (seed behaviour)"
+            );
+        } else {
+            tracing::warn!(
+                listen = %gw.listen,
+                "!!! NO API KEYS CONFIGURED AND LISTENING ON A NON-LOOPBACK ADDRESS: the API \
+                 (every task, every result, cancellation) is open to anyone who can reach \
+                 this address. Configure gateway.keys / gateway.api_keys_file, or listen on \
+                 127.0.0.1. !!!"
+            );
+        }
     }
-    let listener = TcpListener::bind(cfg.gateway.listen)
+    let listener = TcpListener::bind(gw.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", cfg.gateway.listen))?;
+        .with_context(|| format!("cannot listen on {}", gw.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "gateway listening");
+    if let Some(m) = gw.metrics_listen {
+        let l = TcpListener::bind(m)
+            .await
+            .with_context(|| format!("cannot listen on {m} (gateway.metrics_listen)"))?;
+        tracing::info!(addr = %l.local_addr()?, "metrics listening");
+        let metrics = router::metrics_router(state.clone());
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            let res = axum::serve(l, metrics)
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await;
+            if let Err(e) = res {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+    }
     let router = app(state.clone());
     let client = state.client.clone();
+    let limits = server::Limits {
+        header_read_timeout: Duration::from_secs(gw.header_read_timeout_s.max(1)),
+        idle_timeout: Duration::from_secs(gw.idle_timeout_s.max(1)),
+        max_connections: gw.max_connections,
+    };
     let join = tokio::spawn(async move {
-        let res = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
+        let res = server::serve(listener, router, limits, shutdown).await;
         let _ = client.flush().await;
         res
     });

@@ -285,7 +285,6 @@ mod tests {
             fps: 25.0,
             video_duration_s: 3.0,
             audio_duration_s: 3.0,
-            ..Default::default()
         });
         m.observe_record(&timed);
         assert_eq!(completed(), 2);

@@ -4,9 +4,10 @@
 //!
 //! Only `result.mp4` and `mask.mp4` are served, and only when the task record lists them;
 //! the key is built from the validated id and that fixed name, so no path can escape.
-//! A range start is reached by reading and dropping the bytes before it (the object
-//! store has no ranged read); multi-range requests get the whole file (RFC 9110 allows it).
+//! A range is read from the chunks that hold it (the artifact store's ranged read), never
+//! from byte 0; multi-range requests get the whole file (RFC 9110 allows it).
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -16,6 +17,7 @@ use tokio::io::AsyncReadExt;
 use tokio_util::io::ReaderStream;
 
 use crate::AppState;
+use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody, Result};
 
 /// Parses a single `bytes=` range against `size`: `Ok(None)` = serve everything,
@@ -74,18 +76,20 @@ pub(crate) fn parse_range(value: &str, size: u64) -> std::result::Result<Option<
         (status = 206, description = "A byte range", content_type = "video/mp4", body = Vec<u8>),
         (status = 304, description = "Not modified (If-None-Match)"),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
-        (status = 404, description = "Unknown task, file not produced (yet) or expired", body = ErrorBody),
+        (status = 404, description = "Unknown task (or another tenant's), file not produced (yet) or expired", body = ErrorBody),
         (status = 416, description = "Range not satisfiable", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
         (status = 503, description = "Backend unavailable", body = ErrorBody),
-    )
+    ),
+    security((), ("bearer" = []))
 )]
 pub(crate) async fn output(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((task_id, file)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response> {
-    serve(&state, &task_id, &file, &headers).await
+    serve(&state, &caller, &task_id, &file, &headers).await
 }
 
 /// `GET /results/{task_id}/output.mp4`: alias of the result video.
@@ -99,28 +103,31 @@ pub(crate) async fn output(
         (status = 206, description = "A byte range", content_type = "video/mp4", body = Vec<u8>),
         (status = 304, description = "Not modified (If-None-Match)"),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
-        (status = 404, description = "Unknown task or no result (yet)", body = ErrorBody),
+        (status = 404, description = "Unknown task (or another tenant's) or no result (yet)", body = ErrorBody),
         (status = 416, description = "Range not satisfiable", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
         (status = 503, description = "Backend unavailable", body = ErrorBody),
-    )
+    ),
+    security((), ("bearer" = []))
 )]
 pub(crate) async fn result_alias(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(task_id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response> {
-    serve(&state, &task_id, names::artifact::RESULT, &headers).await
+    serve(&state, &caller, &task_id, names::artifact::RESULT, &headers).await
 }
 
 async fn serve(
     state: &AppState,
+    caller: &Caller,
     task_id: &str,
     file: &str,
     headers: &HeaderMap,
 ) -> Result<Response> {
     let not_found = || ApiError::NotFound("no such output".into());
-    let (rec, _) = crate::routes::load(state, task_id).await?;
+    let (rec, _) = state.load_for(caller, task_id).await?;
     let listed = match file {
         names::artifact::RESULT => rec.output_video_url.is_some(),
         names::artifact::MASK => rec.output_mask_url.is_some(),
@@ -163,24 +170,18 @@ async fn serve(
         }
         _ => None,
     };
-    let mut reader = state.artifacts.get(&key).await.map_err(|e| match e {
-        lipsync_runtime::ArtifactError::NotFound(_) => not_found(),
-        other => ApiError::Unavailable(other.to_string()),
-    })?;
     let (status, start, len) = match range {
         Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e - s + 1),
         None => (StatusCode::OK, 0, size),
     };
-    if start > 0 {
-        let skipped = tokio::io::copy(&mut (&mut reader).take(start), &mut tokio::io::sink())
-            .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-        if skipped < start {
-            return Err(ApiError::Unavailable(
-                "artifact shorter than its metadata".into(),
-            ));
-        }
+    let reader = match range {
+        Some(_) => state.artifacts.get_range(&key, start, len).await,
+        None => state.artifacts.get(&key).await,
     }
+    .map_err(|e| match e {
+        lipsync_runtime::ArtifactError::NotFound(_) => not_found(),
+        other => ApiError::Unavailable(other.to_string()),
+    })?;
     let body = Body::from_stream(ReaderStream::new(reader.take(len)));
     let mut resp = Response::builder()
         .status(status)

@@ -7,7 +7,9 @@
 //!
 //! Retried with exponential backoff (1 s, 2 s, 4 s ... capped at 60 s) up to
 //! `gateway.webhook_max_attempts` attempts; only 2xx counts as delivered. Requests go through the
-//! fetch stage's SSRF guard (no private addresses unless `fetch.allow_private_networks`).
+//! SSRF guard with the webhook policy (`gateway.webhook_allow_private_networks`,
+//! `gateway.webhook_allow_cidrs`, `gateway.webhook_allowed_ports`), separate from the
+//! download policy.
 //!
 //! One delivery per task across all gateways: the gateway that wins the KV `create` of
 //! `webhook.<task_id>` in `lipsync_idempotency` delivers; the others skip. A gateway that
@@ -22,7 +24,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use hmac::{Hmac, Mac};
-use lipsync_fetch::guard::{ClientOptions, GuardedClient, UrlPolicy};
+use lipsync_netguard::{ClientOptions, GuardedClient};
 use lipsync_schemas::TaskRecord;
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
@@ -58,7 +60,8 @@ struct Inner {
 
 impl Webhooks {
     /// `None` when no secret is configured (webhooks are then refused at submit).
-    pub(crate) fn new(state: &AppState, policy: &UrlPolicy) -> anyhow::Result<Option<Self>> {
+    pub(crate) fn new(state: &AppState) -> anyhow::Result<Option<Self>> {
+        let policy = &state.webhook_policy;
         if state.gw.webhook_secret.is_empty() {
             return Ok(None);
         }

@@ -154,7 +154,7 @@ async fn invalid_requests_get_typed_errors() {
         (with("seed", json!(-5)), "negative seed"),
         (with("seed", json!(1.5)), "fractional seed"),
         (
-            with("inference_ckpt_path", json!("checkpoints/unet.ckpt")),
+            with("inference_ckpt_path", json!("/etc/passwd")),
             "path ckpt",
         ),
         (

@@ -248,6 +248,7 @@ async fn webhook_is_signed_retried_and_delivered_once_across_gateways() {
     let secret = "whsec-test";
     let env = Env::start_with(|c| {
         c.gateway.webhook_secret = secret.into();
+        c.gateway.webhook_allow_private_networks = true;
         c.gateway.webhook_max_attempts = 3;
     })
     .await;

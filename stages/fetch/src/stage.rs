@@ -16,7 +16,7 @@ use lipsync_schemas::{
 use tokio::io::AsyncWriteExt;
 
 use crate::download::{DownloadError, DownloadLimits, Tee, download_to};
-use crate::guard::{ClientOptions, GuardedClient, IpNet, UrlPolicy};
+use crate::guard::{ClientOptions, GuardedClient, UrlPolicy};
 use crate::probe::{
     MediaInfo, MediaLimits, MediaTools, ProbeError, validate_audio, validate_video,
 };
@@ -105,20 +105,16 @@ fn probe_error(which: Which, error: ProbeError) -> JobError {
     .into()
 }
 
-/// Build the URL policy of the fetch configuration; errors name the bad key.
+/// Build the URL policy of the fetch configuration (`lipsync-netguard`); errors name the
+/// bad key.
 pub fn url_policy(cfg: &FetchConfig) -> Result<UrlPolicy, String> {
-    let mut allow_cidrs = Vec::new();
-    for c in &cfg.allow_cidrs {
-        allow_cidrs.push(
-            c.parse::<IpNet>()
-                .map_err(|e| format!("fetch.allow_cidrs: `{c}`: {e}"))?,
-        );
-    }
-    Ok(UrlPolicy {
+    UrlPolicy::from_settings(&crate::guard::PolicySettings {
+        section: "fetch",
         allow_private_networks: cfg.allow_private_networks,
-        allow_cidrs,
+        allow_cidrs: &cfg.allow_cidrs,
+        allowed_ports: &cfg.allowed_ports,
+        nat64_prefixes: &cfg.nat64_prefixes,
         max_url_len: cfg.max_url_len,
-        ..UrlPolicy::default()
     })
 }
 
