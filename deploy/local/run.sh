@@ -7,7 +7,8 @@
 #   .local/nats-data) and waits until it reports healthy.
 # - Starts every process in deploy/local/Procfile whose binary exists in
 #   target/release (or $CARGO_TARGET_DIR/release), with LIPSYNC_NATS__URL and
-#   LIPSYNC_FETCH__ALLOW_PRIVATE_NETWORKS=true (local demo) and LIPSYNC_MUX__LOCAL_DIR=outputs
+#   LIPSYNC_FETCH__ALLOW_PRIVATE_NETWORKS=true (local demo: the gateway then listens on
+#   127.0.0.1:8000 only, and a non-loopback LIPSYNC_GATEWAY__LISTEN is refused) and LIPSYNC_MUX__LOCAL_DIR=outputs
 #   (results also land in outputs/{task_id}/ as the seed guide says) exported, each output
 #   line prefixed with the process name. Missing binaries are skipped with a note.
 # - Ctrl-C / SIGTERM: SIGTERM to every process, up to 30 s grace (then SIGKILL),
@@ -159,6 +160,18 @@ else
     log "using the NATS server at $LIPSYNC_NATS__URL (not starting one)"
 fi
 export LIPSYNC_FETCH__ALLOW_PRIVATE_NETWORKS="${LIPSYNC_FETCH__ALLOW_PRIVATE_NETWORKS:-true}"
+export LIPSYNC_GATEWAY__WEBHOOK_ALLOW_PRIVATE_NETWORKS="${LIPSYNC_GATEWAY__WEBHOOK_ALLOW_PRIVATE_NETWORKS:-$LIPSYNC_FETCH__ALLOW_PRIVATE_NETWORKS}"
+# Downloads from private addresses are a local-demo setting: the API then listens on
+# loopback only, and a non-loopback address is refused (set
+# LIPSYNC_FETCH__ALLOW_PRIVATE_NETWORKS=false to serve others).
+if [[ "$LIPSYNC_FETCH__ALLOW_PRIVATE_NETWORKS" == true ]]; then
+    listen="${LIPSYNC_GATEWAY__LISTEN:-127.0.0.1:8000}"
+    case "$listen" in
+        127.* | localhost:* | "[::1]:"*) ;;
+        *) die "LIPSYNC_GATEWAY__LISTEN=$listen is not a loopback address while downloads from private networks are allowed (LIPSYNC_FETCH__ALLOW_PRIVATE_NETWORKS=true): that would let anyone who reaches this machine make it fetch from your local network. Listen on 127.0.0.1, or set LIPSYNC_FETCH__ALLOW_PRIVATE_NETWORKS=false." ;;
+    esac
+    export LIPSYNC_GATEWAY__LISTEN="$listen"
+fi
 export LIPSYNC_MUX__LOCAL_DIR="${LIPSYNC_MUX__LOCAL_DIR:-$ROOT/outputs}"
 
 # ------------------------------------------------------------------ processes
