@@ -1,7 +1,11 @@
 //! The `lipsync` CLI end to end against a real gateway on a real nats-server: submit by
 //! URL and by file upload, status, queue, cancel, typed errors, and `--wait --out` with a
 //! fake pipeline (the test drives the task record and puts the result artifact; the CLI
-//! follows the WebSocket, with an API key, and downloads the file).
+//! follows the WebSocket, with an API key, and downloads the file); batches from pairs and
+//! a CSV with `-q` and `--webhook-url`, `ls` over `GET /tasks` pages, the auth exit code,
+//! `--timeout`, Ctrl-C (an injected interrupt) detaching or cancelling, and a batch
+//! `--wait --out-dir` whose worst outcome sets the exit code. Retries of 429/503 are tested
+//! against a stand-in server in client/tests/standin.rs.
 
 mod gateway_common;
 
@@ -15,10 +19,10 @@ use lipsync_tests::wait_for;
 use serde_json::Value;
 
 /// Runs the CLI in-process with `args` (after `lipsync --server <gw>`); returns the
-/// outcome and what it printed.
+/// outcome and what it printed. (Progress bars are hidden: stderr is not a terminal.)
 async fn cli(env: &Env, args: &[&str]) -> (Result<i32, ClientError>, String) {
     let server = env.url("");
-    let mut argv = vec!["lipsync", "--server", server.as_str(), "--quiet"];
+    let mut argv = vec!["lipsync", "--server", server.as_str()];
     argv.extend_from_slice(args);
     let parsed = Cli::try_from_args(argv).expect("valid command line");
     let mut out = Vec::new();
@@ -87,9 +91,9 @@ async fn submit_urls_then_status_queue_and_cancel() {
     let t = cli_json(&env, &["status", &id]).await;
     assert_eq!(t["error"]["code"], "cancelled");
 
-    // --wait on a cancelled task ends at once with the failure exit code.
+    // --wait on a cancelled task ends at once with the cancel exit code.
     let (res, text) = cli(&env, &["status", &id, "--wait"]).await;
-    assert_eq!(res.unwrap(), EXIT_TASK_FAILED);
+    assert_eq!(res.unwrap(), lipsync_client::EXIT_CANCELLED);
     assert!(text.contains("(cancelled)"), "{text}");
     env.stop().await;
 }
@@ -187,8 +191,14 @@ async fn usage_and_api_errors_are_typed() {
 
 /// Drives the record of `id` like the pipeline would, then completes it with a result.
 async fn fake_pipeline(env: &Env, id: &str, result: &[u8]) {
-    env.tasks.mark_started(id, Stage::Fetch, 1, 0).await.unwrap();
-    env.tasks.mark_started(id, Stage::Infer, 1, 0).await.unwrap();
+    env.tasks
+        .mark_started(id, Stage::Fetch, 1, 0)
+        .await
+        .unwrap();
+    env.tasks
+        .mark_started(id, Stage::Infer, 1, 0)
+        .await
+        .unwrap();
     env.tasks
         .progress(id, Stage::Infer, 0.5, "infer: step 10/20")
         .await
@@ -226,7 +236,6 @@ async fn submit_wait_follows_and_downloads_the_result_with_an_api_key() {
         server,
         "--api-key".into(),
         "k-123".into(),
-        "--quiet".into(),
         "submit".into(),
         "--video".into(),
         "https://example.com/face.mp4".into(),
@@ -298,7 +307,10 @@ async fn wait_reports_a_failed_task() {
         let code = lipsync_client::run(Cli::try_from_args(argv).unwrap(), &mut buf).await;
         (code, String::from_utf8(buf).unwrap())
     });
-    env.tasks.mark_started(&id, Stage::Face, 1, 0).await.unwrap();
+    env.tasks
+        .mark_started(&id, Stage::Face, 1, 0)
+        .await
+        .unwrap();
     env.tasks
         .fail(
             &id,
@@ -315,5 +327,269 @@ async fn wait_reports_a_failed_task() {
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["status"], "failed");
     assert_eq!(v["error"]["code"], "no_face_detected");
+    env.stop().await;
+}
+
+/// Runs the CLI in-process with `args` after `lipsync --server <gw>`, with `interrupt`
+/// standing for Ctrl-C; returns the outcome and what it printed.
+async fn cli_interruptible(
+    server: String,
+    args: Vec<String>,
+    interrupt: impl std::future::Future<Output = ()> + Send,
+) -> (Result<i32, ClientError>, String) {
+    let mut argv = vec!["lipsync".to_owned(), "--server".into(), server];
+    argv.extend(args);
+    let mut out = Vec::new();
+    let res = lipsync_client::run_with_interrupt(
+        Cli::try_from_args(argv).expect("valid command line"),
+        &mut out,
+        interrupt,
+    )
+    .await;
+    (res, String::from_utf8(out).expect("utf-8 output"))
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| (*s).to_owned()).collect()
+}
+
+async fn ws_clients(env: &Env, n: usize) {
+    let want = format!("lipsync_websocket_clients {n}");
+    wait_for(Duration::from_secs(10), || async {
+        let text = env
+            .http
+            .get(env.url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines().any(|l| l == want).then_some(())
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{n} WebSocket client(s) follow the tasks"));
+}
+
+#[tokio::test]
+async fn batch_submit_from_pairs_and_csv_prints_ids_and_sets_the_webhook() {
+    let env = Env::start_with(|c| {
+        c.gateway.webhook_secret = "hook-secret".into();
+        c.gateway.webhook_allow_private_networks = true;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("tasks.csv");
+    std::fs::write(
+        &csv,
+        "video,audio\nhttps://example.com/c.mp4,https://example.com/c.wav\n# skipped\nhttps://example.com/d.mp4,https://example.com/d.wav\n",
+    )
+    .unwrap();
+    let (res, out) = cli(
+        &env,
+        &[
+            "-q",
+            "submit",
+            "--video",
+            "https://example.com/a.mp4",
+            "--audio",
+            "https://example.com/a.wav",
+            "--video",
+            "https://example.com/b.mp4",
+            "--audio",
+            "https://example.com/b.wav",
+            "--csv",
+            csv.to_str().unwrap(),
+            "--webhook-url",
+            "http://127.0.0.1:9/hook",
+            "--steps",
+            "4",
+        ],
+    )
+    .await;
+    assert_eq!(res.unwrap(), EXIT_OK, "{out}");
+    let ids: Vec<&str> = out.lines().collect();
+    assert_eq!(ids.len(), 4, "-q prints one id per task: {out}");
+    for (id, name) in ids.iter().zip(["a", "b", "c", "d"]) {
+        let t = cli_json(&env, &["status", id]).await;
+        assert_eq!(
+            t["request"]["video_url"],
+            format!("https://example.com/{name}.mp4").as_str()
+        );
+        assert_eq!(t["request"]["inference_steps"], 4);
+        assert_eq!(t["request"]["webhook_url"], "http://127.0.0.1:9/hook");
+    }
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn ls_lists_the_callers_tasks_across_pages() {
+    let env = Env::start().await;
+    let mut want = std::collections::BTreeSet::new();
+    for _ in 0..3 {
+        want.insert(env.submit_ok().await);
+    }
+    // The index follows the KV watch: wait until it lists all three.
+    let out = wait_for(Duration::from_secs(10), || async {
+        let (res, out) = cli(&env, &["-q", "ls", "--all", "--limit", "2"]).await;
+        (res.ok() == Some(EXIT_OK) && out.lines().count() == 3).then_some(out)
+    })
+    .await
+    .expect("ls --all lists three tasks");
+    let got: std::collections::BTreeSet<String> = out.lines().map(str::to_owned).collect();
+    assert_eq!(got, want);
+    // One page of two, with the cursor of the next one.
+    let page = cli_json(&env, &["ls", "--limit", "2"]).await;
+    assert_eq!(page["tasks"].as_array().unwrap().len(), 2);
+    let cursor = page["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    let rest = cli_json(&env, &["ls", "--limit", "2", "--cursor", &cursor]).await;
+    assert_eq!(rest["tasks"].as_array().unwrap().len(), 1);
+    assert_eq!(rest["next_cursor"], Value::Null);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_api_key_exits_with_the_auth_code() {
+    let env = Env::start_with(|c| c.gateway.api_keys = vec!["k-123".into()]).await;
+    let server = env.url("");
+    let (res, _) = cli_interruptible(
+        server,
+        strings(&["--api-key", "wrong", "--quiet", "ls"]),
+        std::future::pending(),
+    )
+    .await;
+    let e = res.unwrap_err();
+    assert_eq!(e.exit_code(), lipsync_client::EXIT_AUTH, "{e}");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn timeout_interrupt_and_cancel_on_interrupt() {
+    let env = Env::start().await;
+    let id = env.submit_ok().await;
+
+    // --timeout: the task stays queued; the wait ends with the timeout code.
+    let (res, out) = cli_interruptible(
+        env.url(""),
+        strings(&["--quiet", "status", &id, "--timeout", "1s"]),
+        std::future::pending(),
+    )
+    .await;
+    assert_eq!(res.unwrap(), lipsync_client::EXIT_TIMEOUT, "{out}");
+
+    // Ctrl-C while waiting: detaches, prints the id, the task keeps going.
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(cli_interruptible(
+        env.url(""),
+        strings(&["status", &id, "--wait"]),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    ws_clients(&env, 1).await;
+    tx.send(()).unwrap();
+    let (res, out) = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the CLI returns after the interrupt")
+        .unwrap();
+    assert_eq!(res.unwrap(), lipsync_client::EXIT_INTERRUPTED, "{out}");
+    assert!(out.contains(&format!("task {id} detached")), "{out}");
+    let t = cli_json(&env, &["status", &id]).await;
+    assert_eq!(t["status"], "queued", "detaching leaves the task alone");
+
+    // --cancel-on-interrupt: the task is cancelled.
+    ws_clients(&env, 0).await;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(cli_interruptible(
+        env.url(""),
+        strings(&["status", &id, "--wait", "--cancel-on-interrupt"]),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    ws_clients(&env, 1).await;
+    tx.send(()).unwrap();
+    let (res, out) = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the CLI returns after the interrupt")
+        .unwrap();
+    assert_eq!(res.unwrap(), lipsync_client::EXIT_CANCELLED, "{out}");
+    let t = cli_json(&env, &["status", &id]).await;
+    assert_eq!(t["error"]["code"], "cancelled");
+    // Waiting on a cancelled task reports the cancel code.
+    let (res, _) = cli(&env, &["status", &id, "--wait"]).await;
+    assert_eq!(res.unwrap(), lipsync_client::EXIT_CANCELLED);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn batch_wait_saves_results_to_out_dir_and_reports_the_worst_outcome() {
+    let env = Env::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("results");
+    let args = strings(&[
+        "--quiet",
+        "submit",
+        "--video",
+        "https://example.com/a.mp4",
+        "--audio",
+        "https://example.com/a.wav",
+        "--video",
+        "https://example.com/b.mp4",
+        "--audio",
+        "https://example.com/b.wav",
+        "--out-dir",
+        out_dir.to_str().unwrap(),
+    ]);
+    let run = tokio::spawn(cli_interruptible(env.url(""), args, std::future::pending()));
+    let ids = wait_for(Duration::from_secs(10), || async {
+        let q: Value = env
+            .http
+            .get(env.url("/queue"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let ids: Vec<String> = q["queued_tasks"]
+            .as_array()?
+            .iter()
+            .filter_map(|t| t["task_id"].as_str().map(str::to_owned))
+            .collect();
+        (ids.len() == 2).then_some(ids)
+    })
+    .await
+    .expect("both tasks are queued");
+    ws_clients(&env, 2).await;
+    let result: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+    fake_pipeline(&env, &ids[0], &result).await;
+    env.tasks
+        .fail(
+            &ids[1],
+            Some(Stage::Face),
+            TaskError::new(ErrorCode::NoFaceDetected, "no face in frame 0"),
+        )
+        .await
+        .unwrap();
+    let (res, out) = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the CLI returns when both tasks ended")
+        .unwrap();
+    assert_eq!(res.unwrap(), EXIT_TASK_FAILED, "one task failed: {out}");
+    let printed: std::collections::BTreeSet<&str> = out.lines().collect();
+    assert_eq!(
+        printed,
+        ids.iter().map(String::as_str).collect(),
+        "-q prints each id once"
+    );
+    assert_eq!(
+        std::fs::read(out_dir.join(format!("{}.mp4", ids[0]))).unwrap(),
+        result
+    );
+    assert!(!out_dir.join(format!("{}.mp4", ids[1])).exists());
     env.stop().await;
 }
