@@ -72,27 +72,37 @@ pub struct EncodeSpec<'a> {
     pub output: &'a Path,
 }
 
-/// Builds the ffmpeg command for `spec`.
-pub fn command(spec: &EncodeSpec<'_>) -> Command {
+/// CPU time an encoder may use, as a multiple of the decoders' per-media-second limit
+/// (x264 at the slower presets and high resolutions needs far more than a decoder).
+const ENCODE_TIME_FACTOR: f64 = 10.0;
+
+/// Builds the ffmpeg command for `spec` (the runtime's wrapper: whitelists, content
+/// check of the audio input, CPU-time limit scaled to the output length).
+///
+/// # Errors
+/// The audio input is refused (not media).
+pub fn command(spec: &EncodeSpec<'_>) -> Result<Command> {
     let (ew, eh) = even_size(spec.width, spec.height);
     let fps = lipsync_runtime::media::FPS;
-    let mut c = Command::new("ffmpeg");
-    c.args([
-        "-nostdin", "-y", "-v", "error", "-f", "rawvideo", "-pix_fmt",
-    ])
-    .arg(spec.format.name())
-    .args([
-        "-s",
-        &format!("{ew}x{eh}"),
-        "-r",
-        &fps.to_string(),
-        "-i",
-        "pipe:0",
-    ]);
+    let secs = spec.frames as f64 / f64::from(fps);
+    let mut m = lipsync_runtime::media::MediaCommand::ffmpeg()
+        .arg("-y")
+        .pipe_input([
+            "-f".to_owned(),
+            "rawvideo".to_owned(),
+            "-pix_fmt".to_owned(),
+            spec.format.name().to_owned(),
+            "-s".to_owned(),
+            format!("{ew}x{eh}"),
+            "-r".to_owned(),
+            fps.to_string(),
+        ])
+        .cpu_limit_for(Some(secs * ENCODE_TIME_FACTOR));
     if let Some(a) = spec.audio {
-        c.arg("-i").arg(a);
+        m = m.input(a);
     }
-    c.args(["-map", "0:v:0"]);
+    m = m.arg("-map").arg("0:v:0");
+    let mut c = m.command()?;
     if spec.audio.is_some() {
         c.args(["-map", "1:a:0", "-c:a", "aac"]);
         if let Some(b) = spec.audio_bitrate {
@@ -136,7 +146,7 @@ pub fn command(spec: &EncodeSpec<'_>) -> Command {
     .stdin(Stdio::piped())
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
-    c
+    Ok(c)
 }
 
 /// Writes a `w x h` frame as `ew x eh`: extra columns and rows are dropped; a missing
@@ -178,7 +188,7 @@ impl Encoder {
     /// # Errors
     /// ffmpeg cannot start.
     pub fn start(spec: &EncodeSpec<'_>) -> Result<Self> {
-        let mut child = command(spec)
+        let mut child = command(spec)?
             .spawn()
             .map_err(MuxError::io("cannot start ffmpeg"))?;
         let stdin = child.stdin.take().expect("piped stdin");
@@ -317,6 +327,10 @@ mod tests {
     #[test]
     fn command_maps_audio_and_trims() {
         let out = Path::new("/x/out.mp4");
+        // The wrapper checks the audio input's content before building the command.
+        let dir = tempfile::tempdir().unwrap();
+        let wav = dir.path().join("a.wav");
+        std::fs::write(&wav, b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00").unwrap();
         let spec = EncodeSpec {
             width: 321,
             height: 240,
@@ -324,13 +338,13 @@ mod tests {
             crf: 18,
             preset: "medium",
             threads: 0,
-            audio: Some(Path::new("/x/a.wav")),
+            audio: Some(&wav),
             audio_bitrate: None,
             bt709: false,
             frames: 51,
             output: out,
         };
-        let c = command(&spec);
+        let c = command(&spec).unwrap();
         let args: Vec<String> = c
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())

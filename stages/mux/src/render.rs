@@ -5,18 +5,17 @@
 //! whatever the video length.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use lipsync_runtime::config::MuxConfig;
-use lipsync_runtime::media::{Geometry, LengthMode, source_frame};
+use lipsync_runtime::media::{DecodeOptions, Geometry, LengthMode, MediaCommand, source_frame};
 use lipsync_schemas::FaceTrack;
 
 use crate::blend::Blender;
 use crate::encode::{EncodeSpec, Encoder, PixelFormat};
 use crate::error::{MuxError, Result};
-use crate::source::{CropFrames, VideoFrames};
+use crate::source::{CropFrames, SpoolLimits, VideoFrames};
 
 /// Inputs and outputs of one render.
 #[derive(Debug, Clone, Copy)]
@@ -42,7 +41,7 @@ pub struct RenderJob<'a> {
 }
 
 /// Encoder settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RenderOptions {
     /// x264 CRF of the result.
     pub crf: u8,
@@ -56,6 +55,10 @@ pub struct RenderOptions {
     pub mask_preset: String,
     /// AAC bit rate, none = ffmpeg's default.
     pub audio_bitrate: Option<String>,
+    /// Scratch limits of the ping-pong spool.
+    pub spool: SpoolLimits,
+    /// Which video stream to decode (fetch's validated stream; default `0:V:0`).
+    pub video: DecodeOptions,
 }
 
 const PRESETS: &[&str] = &[
@@ -108,6 +111,11 @@ impl RenderOptions {
             mask_crf: cfg.mask_crf,
             mask_preset: cfg.mask_preset.clone(),
             audio_bitrate: cfg.audio_bitrate.clone(),
+            spool: SpoolLimits {
+                window_bytes: cfg.spool_window_bytes,
+                max_scratch_bytes: cfg.max_scratch_bytes,
+            },
+            video: DecodeOptions::default(),
         })
     }
 }
@@ -130,6 +138,8 @@ pub struct RenderStats {
     pub faces: usize,
     /// Decoder runs over the original video.
     pub video_decodes: usize,
+    /// Largest scratch use of the ping-pong spool, bytes (0 without a spool).
+    pub scratch_peak: u64,
     /// Wall time.
     pub secs: f64,
 }
@@ -167,21 +177,24 @@ fn check_track(track: &FaceTrack, output_frames: usize, mode: LengthMode) -> Res
 /// Whether the video is tagged BT.709 (then the result is encoded and tagged BT.709 too,
 /// matching how the decoder turned it into RGB).
 pub fn is_bt709(video: &Path) -> bool {
-    Command::new("ffprobe")
+    is_bt709_stream(video, &DecodeOptions::default())
+}
+
+/// [`is_bt709`] of the stream `opts` selects.
+pub fn is_bt709_stream(video: &Path, opts: &DecodeOptions) -> bool {
+    let settings = lipsync_runtime::media::tool::settings();
+    MediaCommand::ffprobe()
         .args([
-            "-v",
-            "error",
-            "-select_streams",
-            "v:0",
-            "-show_entries",
-            "stream=color_space",
-            "-of",
-            "csv=p=0",
+            "-select_streams".to_owned(),
+            opts.stream_spec(""),
+            "-show_entries".to_owned(),
+            "stream=color_space".to_owned(),
+            "-of".to_owned(),
+            "csv=p=0".to_owned(),
         ])
-        .arg(video)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
+        .input(video)
+        .cpu_limit_for(None)
+        .run(settings.time.for_media(None))
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "bt709")
         .unwrap_or(false)
 }
@@ -205,7 +218,7 @@ pub fn render(
     let (w, h) = (track.width as usize, track.height as usize);
     let res = track.resolution as usize;
     let n = track.frames.len();
-    let bt709 = is_bt709(job.video);
+    let bt709 = is_bt709_stream(job.video, &opts.video);
 
     let mut crops = CropFrames::open(job.crops, res, job.output_frames)?;
     let mut video = VideoFrames::open(
@@ -215,6 +228,8 @@ pub fn render(
         job.output_frames,
         job.mode,
         job.scratch,
+        opts.spool,
+        opts.video,
     )?;
     let mut result = Encoder::start(&EncodeSpec {
         width: track.width,
@@ -282,6 +297,7 @@ pub fn render(
         frames: job.output_frames,
         faces,
         video_decodes: video.decodes,
+        scratch_peak: video.scratch_peak(),
         secs: started.elapsed().as_secs_f64(),
     })
 }
