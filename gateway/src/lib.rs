@@ -158,7 +158,7 @@ impl AppState {
             },
             tasks: TaskStore::new(topo.tasks.clone()),
             idempotency: topo.idempotency.clone(),
-            artifacts: Arc::new(NatsArtifacts::new(topo.artifacts.clone())),
+            artifacts: Arc::new(NatsArtifacts::from_topology(&topo)),
             js: topo.js.clone(),
             client,
             index: index.clone(),

@@ -169,7 +169,7 @@ pub struct Pipeline {
     /// Where the mux stage also writes outputs (`outputs/{task_id}/`).
     pub outputs: tempfile::TempDir,
     ports: BTreeMap<String, u16>,
-    procs: BTreeMap<String, Vec<Child>>,
+    procs: BTreeMap<String, Vec<(u16, Child)>>,
     env: Vec<(String, String)>,
     http: reqwest::Client,
 }
@@ -269,7 +269,52 @@ impl Pipeline {
         let child = cmd
             .spawn()
             .with_context(|| format!("spawn lipsync-{name}"))?;
-        self.procs.entry(name.to_owned()).or_default().push(child);
+        self.procs
+            .entry(name.to_owned())
+            .or_default()
+            .push((port, child));
+        Ok(())
+    }
+
+    /// Operations addresses of every running process of `name`, in start order.
+    pub fn replica_ops(&self, name: &str) -> Vec<String> {
+        self.procs
+            .get(name)
+            .map(|v| {
+                v.iter()
+                    .map(|(port, _)| format!("http://127.0.0.1:{port}"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// SIGKILL the `i`-th running process of `name` (start order), leaving the others.
+    pub fn kill_replica(&mut self, name: &str, i: usize) {
+        if let Some(v) = self.procs.get_mut(name)
+            && i < v.len()
+        {
+            let (_, mut c) = v.remove(i);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Wait until every running process of `name` answers `/readyz` with 200.
+    pub async fn wait_all_ready(&self, name: &str) -> Result<()> {
+        for url in self.replica_ops(name) {
+            let http = self.http.clone();
+            let url = format!("{url}/readyz");
+            wait_for(Duration::from_secs(60), || {
+                let http = http.clone();
+                let url = url.clone();
+                async move {
+                    let r = http.get(&url).send().await.ok()?;
+                    r.status().is_success().then_some(())
+                }
+            })
+            .await
+            .with_context(|| format!("a lipsync-{name} replica is not ready"))?;
+        }
         Ok(())
     }
 
@@ -291,7 +336,7 @@ impl Pipeline {
 
     /// SIGKILL every process of `name`.
     pub fn kill(&mut self, name: &str) {
-        for mut c in self.procs.remove(name).unwrap_or_default() {
+        for (_, mut c) in self.procs.remove(name).unwrap_or_default() {
             let _ = c.kill();
             let _ = c.wait();
         }

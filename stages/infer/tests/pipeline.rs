@@ -211,3 +211,48 @@ fn output_length_follows_the_length_mode() {
         );
     }
 }
+
+struct PanicAt(u64);
+impl Control for PanicAt {
+    fn step(&mut self, done: u64, _: u64) -> bool {
+        assert!(done < self.0, "injected fault at step {done}");
+        true
+    }
+}
+
+#[test]
+fn a_panic_in_the_pipeline_fails_that_run_and_the_engine_serves_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let video = clip(dir.path(), 20);
+    let cfg = config();
+    assert_eq!(
+        cfg.infer.gpu_workers, 1,
+        "one engine: the second run needs it back"
+    );
+    let stage = InferStage::new(&cfg).unwrap();
+    let params = stage.params(3, 1.5, 3);
+    let g = params.geometry;
+    let track = synthetic::face_track(
+        320,
+        240,
+        20,
+        g.crop_w as u32,
+        g.crop_h as u32,
+        g.resolution as u32,
+    );
+    let features = synthetic::features(20, 1);
+    let out = dir.path().join("c.mkv");
+    let res = stage.run_blocking(&params, &video, &track, &features, &out, &mut PanicAt(2));
+    match res {
+        Err(e @ InferError::Panicked(_)) => {
+            use lipsync_runtime::StageError;
+            assert!(e.retryable(), "a panic is worth another delivery");
+        }
+        other => panic!("expected a panic error, got {other:?}"),
+    }
+    // The engine went back to the pool: the same stage runs a whole job.
+    let report = stage
+        .run_blocking(&params, &video, &track, &features, &out, &mut Go)
+        .unwrap();
+    assert_eq!(report.output_frames, 20);
+}

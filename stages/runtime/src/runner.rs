@@ -232,6 +232,7 @@ pub struct JobCtx {
     throttle: Arc<Mutex<Throttle>>,
     scratch_root: PathBuf,
     scratch: Arc<StdMutex<Option<tempfile::TempDir>>>,
+    metrics: Option<StageMetrics>,
 }
 
 impl JobCtx {
@@ -260,6 +261,7 @@ impl JobCtx {
             })),
             scratch_root,
             scratch: Arc::default(),
+            metrics: None,
         }
     }
 
@@ -356,7 +358,7 @@ impl JobCtx {
         std::fs::create_dir_all(&self.scratch_root)
             .map_err(|e| JobError::transient(format!("scratch directory: {e}")))?;
         let dir = tempfile::Builder::new()
-            .prefix(&format!("{}{}-", SCRATCH_PREFIX, self.stage))
+            .prefix(&scratch_prefix(self.stage))
             .tempdir_in(&self.scratch_root)
             .map_err(|e| JobError::transient(format!("scratch directory: {e}")))?;
         let path = dir.path().to_path_buf();
@@ -506,10 +508,18 @@ impl JobCtx {
                 Some(e) => Err(e),
                 None => Ok(r),
             },
-            Ok(Err(panic)) => Err(JobError::Transient(format!(
-                "internal error: {what} panicked: {}",
-                panic_message(&panic)
-            ))),
+            Ok(Err(panic)) => {
+                if let Some(m) = &self.metrics {
+                    m.job_events
+                        .with_label_values(&[self.stage.as_str(), "panicked"])
+                        .inc();
+                }
+                tracing::error!(panic = %panic_message(&panic), "{what} panicked");
+                Err(JobError::Transient(format!(
+                    "internal error: {what} panicked: {}",
+                    panic_message(&panic)
+                )))
+            }
             Err(e) => Err(JobError::Transient(format!(
                 "internal error: {what} thread failed: {e}"
             ))),
@@ -546,11 +556,17 @@ impl Blocking {
     }
 }
 
-/// Prefix of every scratch folder (cleaned at start-up by [`clean_scratch`]).
+/// Prefix of every scratch folder: `lipsync-job-<stage>-<pid>-…` (cleaned at start-up by
+/// [`clean_scratch`]).
 pub const SCRATCH_PREFIX: &str = "lipsync-job-";
 
-/// Remove scratch folders of `stage` that an earlier process left (it crashed or was
-/// killed). Run before the stage takes work; returns how many were removed.
+fn scratch_prefix(stage: Stage) -> String {
+    format!("{SCRATCH_PREFIX}{stage}-{}-", std::process::id())
+}
+
+/// Remove scratch folders of `stage` that a process no longer running left behind (it
+/// crashed or was killed). Folders of live processes (other replicas sharing the
+/// directory) are kept. Run before the stage takes work; returns how many were removed.
 pub fn clean_scratch(root: &Path, stage: Stage) -> usize {
     let prefix = format!("{SCRATCH_PREFIX}{stage}-");
     let Ok(entries) = std::fs::read_dir(root) else {
@@ -558,9 +574,14 @@ pub fn clean_scratch(root: &Path, stage: Stage) -> usize {
     };
     let mut n = 0;
     for e in entries.flatten() {
-        if e.file_name().to_string_lossy().starts_with(&prefix)
-            && std::fs::remove_dir_all(e.path()).is_ok()
-        {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        let alive = pid
+            .is_some_and(|p| p != std::process::id() && Path::new(&format!("/proc/{p}")).exists());
+        if !alive && std::fs::remove_dir_all(e.path()).is_ok() {
             n += 1;
         }
     }
@@ -864,6 +885,7 @@ impl<H: Handler> Runner<H> {
             })),
             scratch_root: self.scratch_root.clone(),
             scratch: Arc::default(),
+            metrics: Some(self.metrics.clone()),
         };
 
         let work = jobscope::scope(
@@ -1282,4 +1304,35 @@ pub fn infer_job(record: &TaskRecord) -> Option<InferJob> {
         face_track: face_track.to_owned(),
         audio_features: features.to_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_up_cleaning_keeps_the_folders_of_live_replicas() {
+        let root = tempfile::tempdir().unwrap();
+        let make = |name: &str| std::fs::create_dir(root.path().join(name)).unwrap();
+        // pid 1 is alive; 4194304 is above Linux's pid limit, so never alive.
+        make("lipsync-job-face-1-abc");
+        make("lipsync-job-face-4194304-abc");
+        make(&format!("lipsync-job-face-{}-abc", std::process::id()));
+        make("lipsync-job-mux-4194304-abc");
+        make("unrelated");
+        assert_eq!(clean_scratch(root.path(), Stage::Face), 2);
+        let mut left: Vec<String> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "lipsync-job-face-1-abc",
+                "lipsync-job-mux-4194304-abc",
+                "unrelated"
+            ]
+        );
+    }
 }
