@@ -65,6 +65,10 @@ pub fn anchors(layout: Layout, landmarks: &[[f32; 2]]) -> Option<[Point; 3]> {
             let (el, er, tip) = (p(0)?, p(1)?, p(2)?);
             Some(anchors_from_eyes_nose(el, er, tip))
         }
+        Layout::FiveMesh => {
+            let n = landmarks.len().checked_sub(3).filter(|&n| n >= 2)?;
+            Some([p(n)?, p(n + 1)?, p(n + 2)?])
+        }
         Layout::Dense106 => {
             if landmarks.len() < 106 {
                 return None;

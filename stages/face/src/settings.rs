@@ -7,6 +7,7 @@ use lipsync_runtime::config::{FaceConfig, ModelsConfig};
 use lipsync_runtime::models::{Manifest, Profile};
 
 use crate::align::Geometry;
+use crate::detect::mesh::MeshAnchors;
 use crate::detect::session::{Device, SessionOptions};
 use crate::detect::{BlazeFace, Detector, DetectorKind, InsightFace, RetinaFace};
 use crate::error::{FaceError, Result};
@@ -20,6 +21,8 @@ pub const RETINAFACE_FILE: &str = "retinaface_mnet025.onnx";
 pub const BLAZEFACE_FRONT_FILE: &str = "face_detection_front_128x128_barracuda.onnx";
 /// BlazeFace full-range file in `face.models_dir`.
 pub const BLAZEFACE_BACK_FILE: &str = "face_detection_back_256x256_barracuda.onnx";
+/// Face-mesh file in `face.models_dir` (for `face.anchors = "mesh"`).
+pub const FACE_MESH_FILE: &str = "face_mesh_468.onnx";
 
 /// Everything the stage needs to build detectors and track videos.
 #[derive(Debug, Clone)]
@@ -38,6 +41,8 @@ pub struct FaceSettings {
     pub nms_iou: f32,
     /// RetinaFace second pass on face crops.
     pub refine: bool,
+    /// Anchors from the face mesh (`face.anchors = "mesh"`).
+    pub mesh_anchors: bool,
     /// Tracking settings.
     pub track: TrackSettings,
 }
@@ -86,6 +91,16 @@ impl FaceSettings {
                 "face.insightface_det_size must be a multiple of 32 within 32..=4096".into(),
             ));
         }
+        let mesh_anchors = match cfg.anchors.as_str() {
+            "five-point" => false,
+            // InsightFace has the reference's own 106 points: its anchors come from them.
+            "mesh" => !matches!(detector, DetectorKind::InsightFace { .. }),
+            other => {
+                return Err(FaceError::Config(format!(
+                    "face.anchors: `{other}` is not one of five-point, mesh"
+                )));
+            }
+        };
         if cfg.batch_size == 0 || cfg.batch_size > 256 {
             return Err(FaceError::Config(
                 "face.batch_size must be within 1..=256".into(),
@@ -113,6 +128,7 @@ impl FaceSettings {
             insightface_det_size: cfg.insightface_det_size,
             nms_iou: cfg.nms_iou,
             refine: cfg.refine_landmarks,
+            mesh_anchors,
             track: TrackSettings {
                 filters: Filters {
                     min_score: cfg.min_score,
@@ -142,7 +158,7 @@ impl FaceSettings {
     pub fn build_detector(&self) -> Result<Box<dyn Detector>> {
         let min_score = self.track.filters.min_score;
         let dir = &self.models_dir;
-        Ok(match &self.detector {
+        let det: Box<dyn Detector> = match &self.detector {
             DetectorKind::RetinaFace => Box::new(RetinaFace::new(
                 &dir.join(RETINAFACE_FILE),
                 &self.session,
@@ -173,6 +189,15 @@ impl FaceSettings {
                 min_score,
                 self.nms_iou,
             )?),
+        };
+        Ok(if self.mesh_anchors {
+            Box::new(MeshAnchors::new(
+                det,
+                &dir.join(FACE_MESH_FILE),
+                &self.session,
+            )?)
+        } else {
+            det
         })
     }
 }

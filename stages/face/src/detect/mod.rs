@@ -4,6 +4,7 @@
 
 mod blazeface;
 mod insightface;
+pub mod mesh;
 mod retinaface;
 pub mod session;
 
@@ -36,6 +37,9 @@ pub enum Layout {
     Six,
     /// InsightFace 2d106det.
     Dense106,
+    /// A 5- or 6-point detector's points followed by the three face-mesh anchors
+    /// (image-left brow, image-right brow, nose; [`mesh::MeshAnchors`]).
+    FiveMesh,
 }
 
 /// Tensor layout of a model input.

@@ -38,6 +38,13 @@ pub struct FaceConfig {
     /// SCRFD input size for `detector = "insightface"` (a multiple of 32; LatentSync
     /// uses 512). Default 512.
     pub insightface_det_size: u32,
+    /// Where the three alignment anchors (eyebrow centres, nose) come from: `mesh`
+    /// (means of MediaPipe face-mesh points from a second pass over each face,
+    /// `face_mesh_468.onnx` in `models_dir`; follows each person's brows and is steadier,
+    /// see stages/face/README.md) or `five-point` (derived from the detector's eyes and
+    /// nose tip with fixed proportions). Ignored for `detector = "insightface"`, whose
+    /// 106 points give the reference's anchors. Default `mesh`.
+    pub anchors: String,
     /// RetinaFace only: detect every found face a second time in a 224x224 crop around it
     /// (about 125 px wide there), which makes the landmarks of small faces in large frames
     /// several times steadier, for about 25 % more detector time. Default true.
@@ -99,6 +106,7 @@ impl Default for FaceConfig {
             insightface_landmark_model: None,
             det_size: 640,
             insightface_det_size: 512,
+            anchors: "mesh".into(),
             refine_landmarks: true,
             batch_size: 8,
             queue_batches: 2,
