@@ -612,48 +612,93 @@ fn set_flag_toml(key: &str, value: &str) -> String {
 /// Text that replaces a secret in `--print-config`.
 pub const REDACTED: &str = "<redacted>";
 
-/// Replace every non-empty secret in a configuration value (API keys and their hashes,
-/// secrets, passwords, tokens, credentials in URLs) with [`REDACTED`]; file paths of
-/// secrets (`*_file`) stay visible.
-pub fn redact_secrets(v: &mut toml::Value) {
-    fn secret_key(k: &str) -> bool {
-        !k.ends_with("_file")
-            && (k == "key"
-                || k == "api_keys"
-                || k.starts_with("key_")
-                || ["secret", "password", "token"]
-                    .iter()
-                    .any(|w| k.contains(w)))
-    }
-    fn blank(v: &mut toml::Value) {
-        match v {
-            toml::Value::String(s) if !s.is_empty() => *s = REDACTED.into(),
-            toml::Value::Array(a) => a.iter_mut().for_each(blank),
-            _ => {}
+/// Whether a configuration key names a secret (API keys and their hashes, secrets,
+/// passwords, tokens); `*_file` keys (paths of secret files) are not.
+fn secret_key(k: &str) -> bool {
+    !k.ends_with("_file")
+        && (k == "key"
+            || k == "api_keys"
+            || k.starts_with("key_")
+            || ["secret", "password", "token"]
+                .iter()
+                .any(|w| k.contains(w)))
+}
+
+/// Replace `user:password@` in every URL of a line.
+fn redact_userinfo(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail.find(['"', '\'', '/', ' ', ',']).unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                out.push_str(REDACTED);
+                rest = &tail[at..];
+            }
+            None => rest = tail,
         }
     }
-    match v {
-        toml::Value::Table(t) => {
-            for (k, val) in t.iter_mut() {
-                if secret_key(k) {
-                    blank(val);
-                } else {
-                    redact_secrets(val);
+    out.push_str(rest);
+    out
+}
+
+/// Blank the non-empty strings of a TOML value text (`"x"`, `["a", "b"]`, an array line).
+fn blank_strings(value: &str) -> String {
+    let mut out = String::new();
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '"' || c == '\'' {
+            let mut body = String::new();
+            let mut escaped = false;
+            for d in chars.by_ref() {
+                if d == c && !escaped {
+                    break;
                 }
+                escaped = d == '\\' && !escaped;
+                body.push(d);
             }
-        }
-        toml::Value::Array(a) => a.iter_mut().for_each(redact_secrets),
-        toml::Value::String(s) => {
-            // user:password@ in URLs (e.g. nats.url).
-            if let Some((scheme, rest)) = s.split_once("://")
-                && let Some((userinfo, host)) = rest.split_once('@')
-                && !userinfo.contains('/')
-            {
-                *s = format!("{scheme}://{REDACTED}@{host}");
+            out.push(c);
+            if !body.is_empty() {
+                out.push_str(REDACTED);
             }
+            out.push(c);
+        } else {
+            out.push(c);
         }
-        _ => {}
     }
+    out
+}
+
+/// The TOML text of a configuration (as `toml::to_string_pretty` writes it) with every
+/// non-empty secret replaced by [`REDACTED`] and credentials removed from URLs; key order,
+/// tables and `*_file` paths stay as they are.
+pub fn redact_secrets(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_secret_array = false;
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        let redacted = if in_secret_array {
+            if trimmed.starts_with(']') {
+                in_secret_array = false;
+            }
+            blank_strings(line)
+        } else if let Some((key, value)) = trimmed.split_once(" = ")
+            && secret_key(key.trim())
+        {
+            if value.trim() == "[" {
+                in_secret_array = true;
+            }
+            let indent = &line[..line.len() - trimmed.len()];
+            format!("{indent}{key} = {}", blank_strings(value))
+        } else {
+            redact_userinfo(line)
+        };
+        out.push_str(&redacted);
+        out.push('\n');
+    }
+    out
 }
 
 /// Load the configuration or exit: prints the effective config and exits 0 on
@@ -665,13 +710,9 @@ where
     match load::<C>(args) {
         Ok(cfg) => {
             if args.print_config {
-                let printed = toml::Value::try_from(&cfg).map(|mut v| {
-                    redact_secrets(&mut v);
-                    v
-                });
-                match printed.and_then(|v| toml::to_string_pretty(&v)) {
+                match toml::to_string_pretty(&cfg) {
                     Ok(s) => {
-                        print!("{s}");
+                        print!("{}", redact_secrets(&s));
                         std::process::exit(0);
                     }
                     Err(e) => {
@@ -718,14 +759,19 @@ mod tests {
             ..Default::default()
         }];
         cfg.nats.url = "nats://user:pw@nats:4222".into();
-        let mut v = toml::Value::try_from(&cfg).unwrap();
-        redact_secrets(&mut v);
-        let text = toml::to_string_pretty(&v).unwrap();
+        let plain = toml::to_string_pretty(&cfg).unwrap();
+        let text = redact_secrets(&plain);
         for secret in ["plain-key-1", "hook-secret", "acme-key", ":pw@"] {
             assert!(!text.contains(secret), "{secret} in\n{text}");
         }
         assert!(text.contains("acme") && text.contains(REDACTED));
         assert!(text.contains("nats:4222"));
+        // Nothing but the secrets changes: same lines, same order.
+        assert_eq!(plain.lines().count(), text.lines().count());
+        assert_eq!(
+            redact_secrets(&toml::to_string_pretty(&Config::default()).unwrap()),
+            toml::to_string_pretty(&Config::default()).unwrap()
+        );
     }
 
     #[test]
