@@ -43,6 +43,8 @@ pub enum ApiErrorCode {
     RateLimited,
     /// The work queue is full; see Retry-After.
     QueueFull,
+    /// The media store is full (`artifacts.max_bytes`); see Retry-After.
+    StorageFull,
     /// A backend (NATS) is unavailable; try again later.
     Unavailable,
     /// The request took too long.
@@ -119,6 +121,9 @@ pub enum ApiError {
         /// Suggested wait in seconds.
         retry_after_s: u64,
     },
+    /// Media store full.
+    #[error("the media store is full, retry later")]
+    StorageFull,
     /// Backend down; the cause is logged.
     #[error("service temporarily unavailable")]
     Unavailable(String),
@@ -153,6 +158,7 @@ impl ApiError {
             ApiError::RangeNotSatisfiable { .. } => ApiErrorCode::RangeNotSatisfiable,
             ApiError::RateLimited { .. } => ApiErrorCode::RateLimited,
             ApiError::QueueFull { .. } => ApiErrorCode::QueueFull,
+            ApiError::StorageFull => ApiErrorCode::StorageFull,
             ApiError::Unavailable(_) => ApiErrorCode::Unavailable,
             ApiError::Timeout => ApiErrorCode::Timeout,
             ApiError::Internal(_) => ApiErrorCode::Internal,
@@ -178,6 +184,7 @@ impl ApiError {
             ApiErrorCode::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ApiErrorCode::QueueFull | ApiErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiErrorCode::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
             ApiErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -248,6 +255,7 @@ impl IntoResponse for ApiError {
             | ApiError::QueueFull { retry_after_s }
             | ApiError::QuotaExceeded { retry_after_s, .. } => Some(*retry_after_s),
             ApiError::Unavailable(_) => Some(1),
+            ApiError::StorageFull => Some(30),
             _ => None,
         };
         if let Some(s) = retry_after {

@@ -158,7 +158,10 @@ impl AppState {
             },
             tasks: TaskStore::new(topo.tasks.clone()),
             idempotency: topo.idempotency.clone(),
-            artifacts: Arc::new(NatsArtifacts::from_topology(&topo)),
+            artifacts: Arc::new(
+                NatsArtifacts::from_topology(&topo)
+                    .with_admission_reserve(cfg.artifacts.admission_reserve_bytes),
+            ),
             js: topo.js.clone(),
             client,
             index: index.clone(),

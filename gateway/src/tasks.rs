@@ -70,6 +70,19 @@ pub(crate) async fn cancel_task(
         Updated::Unchanged(rec) if rec.status == Status::Completed => Err(ApiError::TaskFinished),
         Updated::Written(rec) | Updated::Unchanged(rec) => {
             tracing::info!(task_id = %task_id, caller = %caller.id, "task cancelled");
+            if rec.status == Status::Failed {
+                // A cancelled task keeps nothing; stages still on it stop at their next
+                // check and the runner deletes what they wrote since.
+                let store = state.artifacts.clone();
+                let r = rec.clone();
+                tokio::spawn(async move {
+                    if let Err(e) =
+                        lipsync_runtime::artifacts::delete_task_artifacts(store.as_ref(), &r).await
+                    {
+                        tracing::warn!(task_id = %r.task_id, error = %e, "cancelled task artifacts not deleted");
+                    }
+                });
+            }
             Ok(Json(TaskView::from_record(&rec, None)))
         }
     }

@@ -183,7 +183,16 @@ async fn accept(
     };
     if let Err(e) = check_quota(state, caller) {
         undo_idem().await;
+        upload::cleanup(state, uploaded).await;
         return Err(e);
+    }
+    // New tasks keep out of a (nearly) full media store; running tasks keep its rest.
+    if let Ok(Some(usage)) = state.artifacts.usage().await
+        && usage.refuses_new_tasks()
+    {
+        undo_idem().await;
+        upload::cleanup(state, uploaded).await;
+        return Err(ApiError::StorageFull);
     }
     // Admission happens here only: hand-offs between stages always have room.
     if let Err(e) = lipsync_runtime::admission::admit(&state.js, &state.nats).await {
@@ -217,6 +226,7 @@ async fn accept(
         Ok(r) => r,
         Err(e) => {
             undo_idem().await;
+            upload::cleanup(state, uploaded).await;
             return Err(ApiError::Unavailable(format!("task create: {e}")));
         }
     };
@@ -237,6 +247,7 @@ async fn accept(
             tracing::error!(task_id = %task_id, error = %e, "could not fail an unqueued task");
         }
         undo_idem().await;
+        upload::cleanup(state, uploaded).await;
         return Err(ApiError::QueueFull { retry_after_s: 5 });
     }
     state.metrics.submitted.inc();

@@ -227,6 +227,7 @@ async fn store_field(
         Err(lipsync_runtime::ArtifactError::Io(e)) => {
             Err(ApiError::InvalidJson(format!("upload interrupted: {e}")))
         }
+        Err(lipsync_runtime::ArtifactError::Full(_)) => Err(ApiError::StorageFull),
         Err(e) => Err(ApiError::Unavailable(e.to_string())),
     }
 }

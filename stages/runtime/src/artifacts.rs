@@ -51,6 +51,8 @@ const META_SEQS: &str = "lipsync-chunk-seqs";
 const META_CHUNK: &str = "lipsync-chunk-size";
 /// How long [`ArtifactStore::usage`] answers from its last look at the stream.
 const USAGE_CACHE: Duration = Duration::from_secs(1);
+/// Default of `artifacts.admission_reserve_bytes`.
+const DEFAULT_RESERVE: u64 = 256 << 20;
 
 /// Errors of the artifact store.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,9 @@ pub struct StoreUsage {
     pub bytes: u64,
     /// The cap, if any.
     pub max_bytes: Option<u64>,
+    /// Bytes kept free under the cap for tasks already accepted
+    /// (`artifacts.admission_reserve_bytes`).
+    pub reserve: u64,
 }
 
 impl StoreUsage {
@@ -96,6 +101,11 @@ impl StoreUsage {
     pub fn is_full(&self, reserve: u64) -> bool {
         self.max_bytes
             .is_some_and(|m| self.bytes.saturating_add(reserve) >= m)
+    }
+
+    /// Whether new tasks are refused: less than the admission reserve is left.
+    pub fn refuses_new_tasks(&self) -> bool {
+        self.is_full(self.reserve)
     }
 }
 
@@ -230,6 +240,7 @@ struct Direct {
     bucket: String,
     stream: Arc<tokio::sync::OnceCell<stream::Stream>>,
     usage: Arc<Mutex<Option<(Instant, StoreUsage)>>>,
+    reserve: u64,
 }
 
 impl NatsArtifacts {
@@ -254,8 +265,17 @@ impl NatsArtifacts {
                 bucket: names::ARTIFACTS_BUCKET.to_owned(),
                 stream: Arc::new(tokio::sync::OnceCell::new()),
                 usage: Arc::new(Mutex::new(None)),
+                reserve: DEFAULT_RESERVE,
             }),
         }
+    }
+
+    /// Sets the bytes [`StoreUsage::refuses_new_tasks`] keeps free under the cap.
+    pub fn with_admission_reserve(mut self, bytes: u64) -> Self {
+        if let Some(d) = &mut self.direct {
+            d.reserve = bytes;
+        }
+        self
     }
 
     /// The backend of a bootstrapped topology.
@@ -650,6 +670,7 @@ impl Direct {
         let usage = StoreUsage {
             bytes: info.state.bytes,
             max_bytes: u64::try_from(info.config.max_bytes).ok().filter(|m| *m > 0),
+            reserve: self.reserve,
         };
         METRICS
             .store_bytes
@@ -860,13 +881,16 @@ mod tests {
         let u = StoreUsage {
             bytes: 90,
             max_bytes: Some(100),
+            reserve: 10,
         };
+        assert!(u.refuses_new_tasks());
         assert!(!u.is_full(5));
         assert!(u.is_full(10));
         assert!(
             !StoreUsage {
                 bytes: 90,
-                max_bytes: None
+                max_bytes: None,
+                reserve: 0,
             }
             .is_full(1000)
         );

@@ -113,7 +113,7 @@ pub async fn start_stage<H: Handler>(
         });
     }
 
-    let artifacts: Arc<dyn ArtifactStore> = Arc::new(NatsArtifacts::new(topo.artifacts.clone()));
+    let artifacts: Arc<dyn ArtifactStore> = Arc::new(NatsArtifacts::from_topology(&topo));
     let tasks = TaskStore::new(topo.tasks.clone());
     tokio::spawn(reaper::run(
         topo.js.clone(),
