@@ -174,6 +174,18 @@ if [[ "$LIPSYNC_FETCH__ALLOW_PRIVATE_NETWORKS" == true ]]; then
 fi
 export LIPSYNC_MUX__LOCAL_DIR="${LIPSYNC_MUX__LOCAL_DIR:-$ROOT/outputs}"
 
+# outputs/ on local disk follows the artifact store's retention: task folders older than
+# artifacts.ttl_s (LIPSYNC_ARTIFACTS__TTL_S, default 7 days) are pruned at start-up and
+# then hourly, so the copies the seed guide reads never outlive the stored results.
+prune_outputs() {
+    local dir="$LIPSYNC_MUX__LOCAL_DIR" ttl_min=$(( (${LIPSYNC_ARTIFACTS__TTL_S:-604800} + 59) / 60 ))
+    [[ -d "$dir" ]] || return 0
+    find "$dir" -mindepth 1 -maxdepth 1 -type d -mmin "+$ttl_min" -exec rm -rf -- {} + 2>/dev/null || true
+}
+prune_outputs
+# (Not one of the service processes: it ends by itself once this script is gone.)
+( parent=$$; while sleep 3600 && kill -0 "$parent" 2>/dev/null; do prune_outputs; done ) &
+
 # ------------------------------------------------------------------ processes
 [[ -f "$PROCFILE" ]] || die "$PROCFILE not found"
 skipped=()
