@@ -19,14 +19,14 @@
 #      builds target/release/lipsync-infer with `--features cuda`, writes the tiny fp16
 #      profile, downloads the onnxruntime-gpu wheel (and, with PACK_CUDA=1, the CUDA 13 /
 #      cuDNN 9 / cuBLAS runtime wheels: about 1.5 GB more, for a machine without them) and
-#      cuts all of it into parts of at most 60 MiB: .local/gpu-pack/batch-NN/ (each batch
+#      cuts all of it into parts of at most 48 MiB: .local/gpu-pack/batch-NN/ (each batch
 #      one run's worth) plus .local/gpu-pack/parts.sha256.
 #   2. On the GPU machine, one run per batch while it stays warm (files outside the
 #      repository survive between runs of a warm machine, not a fresh one):
 #        bash stages/infer/gpu_check.sh --receive .local/gpu-pack/batch-01   # carry that folder
 #        bash stages/infer/gpu_check.sh --receive .local/gpu-pack/batch-02   # ...
 #      Each moves its parts into $GPU_STASH (default /tmp/lipsync-gpu-stash) and prints
-#      which are still missing. The onnxruntime-gpu wheel alone is 5 batches.
+#      which are still missing. The onnxruntime-gpu wheel alone is 6 batches.
 #   3. Then, in the last run (or together with the last --receive):
 #        bash stages/infer/gpu_check.sh
 #      It joins and checks the parts (sha256), unzips the wheels (no pip needed), points
@@ -43,7 +43,7 @@ cd "$(dirname "$0")/../.."
 ROOT="$PWD"
 PACK="$ROOT/.local/gpu-pack"
 STASH="${GPU_STASH:-/tmp/lipsync-gpu-stash}"
-PART_BYTES=$((60 * 1024 * 1024))
+PART_BYTES=$((48 * 1024 * 1024))  # + the working tree, under the 64 MiB a run carries
 ORT_GPU_VERSION="$(sed -nE 's/^ORT_GPU_VERSION=([0-9.]+).*/\1/p' scripts/setup.sh | head -n 1)"
 PY="${LIPSYNC_PYTHON:-python3}"
 say() { printf 'gpu-check: %s\n' "$*" >&2; }
@@ -128,7 +128,7 @@ if [[ "${1:-}" == --pack ]]; then
         mkdir -p "$d" && mv "$p" "$d/" && used=$((used + size))
     done
     cp "$PACK/files.sha256" "$PACK/batch-01/"
-    say "$(ls -d "$PACK"/batch-* | wc -l) batches of at most 60 MiB in $PACK: carry one per run, then --receive it"
+    say "$(ls -d "$PACK"/batch-* | wc -l) batches of at most 48 MiB in $PACK: carry one per run, then --receive it"
     exit 0
 fi
 

@@ -235,7 +235,13 @@ impl InferStage {
         let task_id = ctx.task_id.clone();
         let request = &ctx.record.request;
         let default_seed = self.profile.profile.inference.default_seed;
-        let warning = self.profile.warning();
+        let provider = self.provider();
+        let warning = self.profile.warning().or_else(|| {
+            (provider == "cpu").then(|| {
+                "inference runs on the CPU (infer.device = cpu): expect hours for this task"
+                    .to_owned()
+            })
+        });
         let (steps, guidance) = (request.inference_steps, request.guidance_scale);
         if !(1..=1000).contains(&steps) || !guidance.is_finite() || guidance < 0.0 {
             return Err(JobError::permanent(
@@ -267,8 +273,8 @@ impl InferStage {
                     r.warnings.push(w.clone());
                 }
                 r.message = match &warning {
-                    Some(w) => format!("infer: started (seed {seed}); {w}"),
-                    None => format!("infer: started (seed {seed})"),
+                    Some(w) => format!("infer: started on {provider} (seed {seed}); {w}"),
+                    None => format!("infer: started on {provider} (seed {seed})"),
                 };
                 Change::Write
             })
