@@ -7,7 +7,8 @@
 # replicas were. On a 2-core machine every stage competes for the same two cores, so
 # the speed-up is bounded well below 2x; on a cluster each replica brings its own GPU.
 # Knobs: SCALE_BENCH_TASKS (default 8), SCALE_BENCH_SECS (clip seconds, default 2),
-# SCALE_BENCH_STEPS (default 20).
+# SCALE_BENCH_STEPS (default 20), SCALE_BENCH_PROFILE (release, or debug to reuse the
+# test build's binaries).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . ./.local/env.sh
@@ -15,8 +16,13 @@ tasks=${SCALE_BENCH_TASKS:-8}
 secs=${SCALE_BENCH_SECS:-2}
 steps=${SCALE_BENCH_STEPS:-20}
 bash scripts/setup.d/20-face-assets.sh >/dev/null
-cargo build --release -q --workspace --bins
-bin_dir="${CARGO_TARGET_DIR:-target}/release"
+if [[ ${SCALE_BENCH_PROFILE:-release} == debug ]]; then
+    cargo build -q --workspace --bins
+    bin_dir="${CARGO_TARGET_DIR:-target}/debug"
+else
+    cargo build --release -q --workspace --bins
+    bin_dir="${CARGO_TARGET_DIR:-target}/release"
+fi
 work="$(mktemp -d)"
 pids=()
 stop_all() {
@@ -106,7 +112,7 @@ PY
 one=$(run 1)
 two=$(run 2)
 kill "$media_pid" 2>/dev/null || true
-echo "scale bench ($(nproc) cores; release binaries, tiny profile, $tasks tasks of ${secs} s 512x512, $steps steps)"
+echo "scale bench ($(nproc) cores; ${SCALE_BENCH_PROFILE:-release} binaries, tiny profile, $tasks tasks of ${secs} s 512x512, $steps steps)"
 python3 - "$tasks" "$one" "$two" <<'PY'
 import sys
 n = int(sys.argv[1])

@@ -187,7 +187,7 @@ impl Pipeline {
         let outputs = tempfile::tempdir()?;
         let mut env: Vec<(String, String)> = vec![
             ("LIPSYNC_NATS__URL".into(), nats.url()),
-            ("LIPSYNC_NATS__ACK_WAIT_S".into(), "4".into()),
+            ("LIPSYNC_NATS__ACK_WAIT_S".into(), "8".into()),
             ("LIPSYNC_RUNNER__NAK_DELAY_S".into(), "0.2".into()),
             ("LIPSYNC_RUNNER__NAK_DELAY_MAX_S".into(), "1".into()),
             ("LIPSYNC_RUNNER__PULL_EXPIRES_S".into(), "1".into()),
@@ -302,25 +302,22 @@ impl Pipeline {
     /// Wait until every running process of `name` answers `/readyz` with 200.
     pub async fn wait_all_ready(&self, name: &str) -> Result<()> {
         for url in self.replica_ops(name) {
-            let http = self.http.clone();
-            let url = format!("{url}/readyz");
-            wait_for(Duration::from_secs(60), || {
-                let http = http.clone();
-                let url = url.clone();
-                async move {
-                    let r = http.get(&url).send().await.ok()?;
-                    r.status().is_success().then_some(())
-                }
-            })
-            .await
-            .with_context(|| format!("a lipsync-{name} replica is not ready"))?;
+            self.wait_url_ready(&url)
+                .await
+                .with_context(|| format!("a lipsync-{name} replica is not ready"))?;
         }
         Ok(())
     }
 
     /// Wait until the first process of `name` answers `/readyz` with 200.
     pub async fn wait_ready(&self, name: &str) -> Result<()> {
-        let url = format!("{}/readyz", self.ops(name));
+        self.wait_url_ready(&self.ops(name))
+            .await
+            .with_context(|| format!("lipsync-{name} not ready"))
+    }
+
+    async fn wait_url_ready(&self, ops: &str) -> Result<()> {
+        let url = format!("{ops}/readyz");
         let http = self.http.clone();
         wait_for(Duration::from_secs(60), || {
             let http = http.clone();
@@ -331,7 +328,6 @@ impl Pipeline {
             }
         })
         .await
-        .with_context(|| format!("lipsync-{name} not ready"))
     }
 
     /// SIGKILL every process of `name`.
@@ -411,6 +407,17 @@ impl Pipeline {
         }
         tokio::fs::write(dest, r.bytes().await?).await?;
         Ok(())
+    }
+
+    /// `GET /queue` as JSON.
+    pub async fn queue(&self) -> Result<Value> {
+        Ok(self
+            .http
+            .get(format!("{}/queue", self.base()))
+            .send()
+            .await?
+            .json()
+            .await?)
     }
 
     /// Scrape a process's metrics.

@@ -12,33 +12,25 @@ use lipsync_tests::wait_for;
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 
-/// `lipsync_jobs_in_flight{stage=...}` of one process (0 when unreachable).
-async fn in_flight(http: &reqwest::Client, ops: &str, stage: &str) -> i64 {
+/// A stage metric's value in one process (0 when unreachable or absent).
+async fn metric(http: &reqwest::Client, ops: &str, name: &str, stage: &str) -> f64 {
     let Ok(r) = http.get(format!("{ops}/metrics")).send().await else {
-        return 0;
+        return 0.0;
     };
     let body = r.text().await.unwrap_or_default();
-    let key = format!("lipsync_jobs_in_flight{{stage=\"{stage}\"}} ");
+    let key = format!("{name}{{stage=\"{stage}\"}} ");
     body.lines()
         .find_map(|l| l.strip_prefix(&key))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(0.0)
 }
 
-async fn succeeded(http: &reqwest::Client, ops: &str, stage: &str) -> u64 {
-    let body = http
-        .get(format!("{ops}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let key = format!("lipsync_jobs_succeeded_total{{stage=\"{stage}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+async fn in_flight(http: &reqwest::Client, ops: &str, stage: &str) -> f64 {
+    metric(http, ops, "lipsync_jobs_in_flight", stage).await
+}
+
+async fn succeeded(http: &reqwest::Client, ops: &str, stage: &str) -> f64 {
+    metric(http, ops, "lipsync_jobs_succeeded_total", stage).await
 }
 
 async fn record(p: &Pipeline, id: &str) -> lipsync_schemas::TaskRecord {
@@ -113,21 +105,14 @@ async fn two_replicas_share_the_work_admission_refuses_at_the_entry_and_a_kill_l
         for stage in ["face", "infer"] {
             let ops = p.replica_ops(stage);
             if ops.len() == 2
-                && in_flight(&http, &ops[0], stage).await > 0
-                && in_flight(&http, &ops[1], stage).await > 0
+                && in_flight(&http, &ops[0], stage).await > 0.0
+                && in_flight(&http, &ops[1], stage).await > 0.0
             {
                 both_busy.insert(stage, true);
                 if stage == "infer" && !queue_checked {
                     // Two tasks on the GPU (one per replica): the queue says processing
                     // and numbers the waiting ones from 0.
-                    let q: serde_json::Value = http
-                        .get(format!("{}/queue", p.base()))
-                        .send()
-                        .await
-                        .unwrap()
-                        .json()
-                        .await
-                        .unwrap();
+                    let q = p.queue().await.unwrap();
                     assert_eq!(q["is_processing"], true, "{q}");
                     let positions: Vec<u64> = q["queued_tasks"]
                         .as_array()
@@ -144,7 +129,7 @@ async fn two_replicas_share_the_work_admission_refuses_at_the_entry_and_a_kill_l
         // SIGKILL the first infer replica while it holds a job (after both were busy).
         if !killed && both_busy.get("infer") == Some(&true) {
             let ops = p.replica_ops("infer");
-            if in_flight(&http, &ops[0], "infer").await > 0 {
+            if in_flight(&http, &ops[0], "infer").await > 0.0 {
                 p.kill_replica("infer", 0);
                 killed = true;
             }
@@ -178,24 +163,17 @@ async fn two_replicas_share_the_work_admission_refuses_at_the_entry_and_a_kill_l
     // Both mux replicas (and the surviving infer) served tasks.
     for ops in p.replica_ops("mux") {
         assert!(
-            succeeded(&http, &ops, "mux").await > 0,
+            succeeded(&http, &ops, "mux").await > 0.0,
             "{ops} served nothing"
         );
     }
     for ops in p.replica_ops("face") {
         assert!(
-            succeeded(&http, &ops, "face").await > 0,
+            succeeded(&http, &ops, "face").await > 0.0,
             "{ops} served nothing"
         );
     }
-    let q: serde_json::Value = http
-        .get(format!("{}/queue", p.base()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let q = p.queue().await.unwrap();
     assert_eq!(q["queue_length"], 0, "{q}");
     assert_eq!(q["is_processing"], false, "{q}");
 }
@@ -240,9 +218,9 @@ async fn a_job_whose_every_delivery_crashes_fails_its_task() {
     for s in ["fetch", "audio", "infer", "mux"] {
         p.kill(s);
     }
-    // Past the last lease (ack_wait 4 s) with nobody alive: nothing can have ended it.
+    // Past the last lease (ack_wait 8 s) with nobody alive: nothing can have ended it.
     // JetStream gives up on the message when a replica asks for work again.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(
         record(&p, &id).await.status,
         lipsync_schemas::Status::Processing

@@ -345,6 +345,17 @@ async fn a_finished_stage_republishes_and_a_second_message_never_runs_twice() {
     );
     assert!(rec.artifacts.contains(&key));
     assert_eq!(e.subject_count(Stage::Face).await, 1);
+    // The handed-on work carries the task's trace context.
+    let stream = e.js.get_stream(names::WORK_STREAM).await.unwrap();
+    let face = stream
+        .get_last_raw_message_by_subject(&names::work_subject(Stage::Face))
+        .await
+        .unwrap();
+    let tp = face.headers.get("traceparent").unwrap().as_str().to_owned();
+    assert!(
+        tp.starts_with(&format!("00-{}-", lipsync_runtime::runner::trace_id(&tid))),
+        "{tp}"
+    );
 
     // A redelivery after the stage is done re-publishes the recorded work (dropped by
     // the Msg-Id window here) and acknowledges without running.
@@ -453,4 +464,73 @@ async fn losing_nats_stops_the_job_and_readyz_follows_the_connection() {
     .expect("readyz never recovered");
     shutdown.cancel();
     server.wait().await.unwrap();
+}
+
+/// Log lines captured as JSON.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Chatty;
+
+#[async_trait]
+impl Handler for Chatty {
+    type Job = FaceJob;
+    async fn handle(&self, ctx: JobCtx, _job: FaceJob) -> Result<Outcome, JobError> {
+        tracing::info!(marker = "async", "working");
+        ctx.run_blocking("chatty", |_| tracing::info!(marker = "blocking", "working"))
+            .await?;
+        Ok(Outcome::join([]))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_log_line_of_a_job_names_its_task_stage_and_attempt() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter("info")
+        .with_writer(move || writer.clone())
+        .init();
+    let e = env(|_| {}).await;
+    let shutdown = CancellationToken::new();
+    let server = e.start(Chatty, &shutdown).await;
+    let tid = e.task().await;
+    e.face_job(&tid).await;
+    e.wait(&tid, face_done).await;
+    e.idle("face").await;
+    shutdown.cancel();
+    server.wait().await.unwrap();
+
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let of_job: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["fields"]["marker"].is_string() || l["fields"]["message"] == "job done")
+        .collect();
+    assert_eq!(of_job.len(), 3, "{text}");
+    for l in of_job {
+        let span = &l["span"];
+        assert_eq!(span["task_id"], tid.as_str(), "{l}");
+        assert_eq!(span["stage"], "face", "{l}");
+        assert_eq!(span["attempt"], 1, "{l}");
+        assert_eq!(
+            span["trace_id"],
+            lipsync_runtime::runner::trace_id(&tid).as_str(),
+            "{l}"
+        );
+    }
 }

@@ -253,6 +253,7 @@ async fn accept(
     state.metrics.submitted.inc();
     tracing::info!(
         task_id = %task_id,
+        trace_id = %lipsync_runtime::runner::trace_id(&task_id),
         request_id,
         tenant = caller.tenant.as_deref().unwrap_or("-"),
         "task queued"

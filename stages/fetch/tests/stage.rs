@@ -265,7 +265,8 @@ async fn fetches_validates_and_hands_over() {
     let wav = dir.path().join("a.wav");
     e.artifacts
         .get_to_file(
-            rec.output_of(Stage::Fetch, names::artifact::AUDIO_16K).unwrap(),
+            rec.output_of(Stage::Fetch, names::artifact::AUDIO_16K)
+                .unwrap(),
             &wav,
         )
         .await
@@ -376,6 +377,9 @@ fn spawn_fetch(e: &Env) -> std::process::Child {
         .env("LIPSYNC_FETCH__ALLOW_PRIVATE_NETWORKS", "true")
         .env("LIPSYNC_FETCH__LISTEN", "127.0.0.1:0")
         .env("LIPSYNC_NATS__ACK_WAIT_S", "3")
+        // The test's own bootstrap made the consumer first: this process applies its
+        // settings (ack_wait 3 s) as the deployment's one topology owner would.
+        .env("LIPSYNC_NATS__APPLY_TOPOLOGY", "true")
         .env("LIPSYNC_LOG__FILTER", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -389,7 +393,7 @@ async fn sigkill_mid_download_completes_once() {
     let (addr, hits) = file_server(&m.root).await;
     let mut e = env().await;
     e.cfg.nats.ack_wait_s = 3;
-    // The consumer is created by the binary with ack_wait 3 s.
+    // The binary applies ack_wait 3 s to the consumer.
     let mut child = spawn_fetch(&e);
     let base = format!("http://{addr}");
     let tid = e

@@ -269,11 +269,13 @@ async fn inconsistent_crops_fail_the_task() {
         err.message
     );
     assert!(!err.message.contains("/tmp"), "{}", err.message);
-    // A failed task keeps nothing: its intermediates are deleted at once.
-    assert!(
-        !e.exists(&tid, names::artifact::CROPS).await,
-        "the failed task's crops are still stored"
-    );
+    // A failed task keeps nothing: its intermediates are deleted right after the
+    // failure is recorded.
+    lipsync_tests::wait_for(std::time::Duration::from_secs(10), || async {
+        (!e.exists(&tid, names::artifact::CROPS).await).then_some(())
+    })
+    .await
+    .expect("the failed task's crops are still stored");
     shutdown.cancel();
     stage.wait().await.unwrap();
 }

@@ -614,13 +614,44 @@ pub async fn publish_work<W: WorkItem>(js: &jetstream::Context, item: &W) -> Res
     publish_next(js, item.task_id(), &NextWork::of(item)).await
 }
 
-/// Publish a stored work item (see [`publish_work`]).
+/// The W3C trace id of a task: its UUID's 32 hex digits (one trace per task).
+pub fn trace_id(task_id: &str) -> String {
+    let hex: String = task_id.chars().filter(char::is_ascii_hexdigit).collect();
+    if hex.len() == 32 && hex.bytes().any(|b| b != b'0') {
+        hex.to_ascii_lowercase()
+    } else {
+        // Not a UUID (tests, tools): a stable id from its bytes.
+        use sha2::Digest;
+        hex::encode(&sha2::Sha256::digest(task_id.as_bytes())[..16])
+    }
+}
+
+/// The trace id a work message carries in its W3C `traceparent` header, if valid.
+fn header_trace_id(msg: &jetstream::Message) -> Option<String> {
+    let tp = msg
+        .headers
+        .as_ref()?
+        .get("traceparent")?
+        .as_str()
+        .to_owned();
+    let mut parts = tp.split('-');
+    let (_version, trace) = (parts.next()?, parts.next()?);
+    (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit())).then(|| trace.to_owned())
+}
+
+/// Publish a stored work item (see [`publish_work`]). The message carries the task's
+/// trace context (`traceparent`), so every stage's job joins the task's trace.
 pub async fn publish_next(
     js: &jetstream::Context,
     task_id: &str,
     item: &NextWork,
 ) -> Result<(), String> {
     let mut headers = async_nats::HeaderMap::new();
+    let span_id: u64 = rand::random::<u64>().max(1);
+    headers.insert(
+        "traceparent",
+        format!("00-{}-{span_id:016x}-01", trace_id(task_id)).as_str(),
+    );
     headers.insert(
         async_nats::header::NATS_MESSAGE_ID,
         names::msg_id(task_id, item.stage).as_str(),
@@ -775,7 +806,14 @@ impl<H: Handler> Runner<H> {
             Err(e) => return self.undecodable(&msg, e).await,
         };
         let task_id = job.task_id().to_owned();
-        let span = tracing::info_span!("job", %stage, task_id = %task_id, attempt = delivered);
+        let trace = header_trace_id(&msg).unwrap_or_else(|| trace_id(&task_id));
+        let span = tracing::info_span!(
+            "job",
+            %stage,
+            task_id = %task_id,
+            attempt = delivered,
+            trace_id = %trace
+        );
         self.process_job(msg, job, delivered, seq, shutdown)
             .instrument(span)
             .await;

@@ -320,7 +320,9 @@ impl MediaCommand {
             .spawn()
             .map_err(|e| MediaError::Spawn(self.tool.name(), e))?;
         let stderr = child.stderr.take().map(drain_tail);
+        let job = crate::jobscope::track(child.id());
         Ok(MediaChild {
+            _job: job,
             child,
             stderr,
             tool: self.tool,
@@ -390,6 +392,7 @@ impl MediaCommand {
         let child = c
             .spawn()
             .map_err(|e| MediaError::Spawn(self.tool.name(), e))?;
+        let _job = child.id().map(crate::jobscope::track);
         match tokio::time::timeout(wall, child.wait_with_output()).await {
             Err(_) => Err(MediaError::Timeout(format!(
                 "{} did not finish within {} s; the file may be malformed",
@@ -446,6 +449,8 @@ pub struct MediaChild {
     tool: Tool,
     files: Vec<PathBuf>,
     cpu_limit: Option<Duration>,
+    /// Registered with the job it runs for: a stopped job kills it.
+    _job: crate::jobscope::Tracked,
 }
 
 impl MediaChild {
