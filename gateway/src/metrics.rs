@@ -292,6 +292,6 @@ mod tests {
         assert!((m.e2e_per_output_second.get_sample_sum() - 2.0).abs() < 1e-9);
         // A later write to the same terminal record (or a replay after a watch restart).
         m.observe_record(&new);
-        assert_eq!(completed(), 1);
+        assert_eq!(completed(), 2);
     }
 }
