@@ -153,6 +153,9 @@ impl FetchStage {
             tools: MediaTools {
                 probe_timeout: Duration::from_secs(cfg.tool_timeout_s),
                 convert_timeout: Duration::from_secs(cfg.tool_timeout_s),
+                // Checked on what the inputs decode to, not on what they declare.
+                max_duration_s: cfg.max_duration_s,
+                margin_s: cfg.audio_margin_s,
                 ..MediaTools::default()
             },
         })

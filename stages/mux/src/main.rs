@@ -94,12 +94,13 @@ async fn main() {
                 let (cpu, hwm_kb) = own_usage();
                 println!(
                     "{} frames ({} with a face) in {:.3} s: {:.1} frames/s, {} video decode(s); \
-                     this process: cpu {cpu:.2} s, peak rss {hwm_kb} kB",
+                     this process: cpu {cpu:.2} s, peak rss {hwm_kb} kB; scratch peak {} bytes",
                     stats.frames,
                     stats.faces,
                     stats.secs,
                     stats.frames as f64 / stats.secs.max(1e-9),
-                    stats.video_decodes
+                    stats.video_decodes,
+                    stats.scratch_peak
                 );
                 Ok(())
             };

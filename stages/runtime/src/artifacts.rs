@@ -344,6 +344,18 @@ fn backend(what: &str, e: impl std::fmt::Display) -> ArtifactError {
     }
 }
 
+/// The acknowledgement of one chunk publish.
+type AckFuture = Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<
+                    async_nats::jetstream::publish::PublishAck,
+                    async_nats::jetstream::context::PublishError,
+                >,
+            > + Send,
+    >,
+>;
+
 /// Purges the chunks of an unfinished put if it is dropped or fails before the object
 /// description is written.
 struct PurgeGuard {
@@ -383,7 +395,15 @@ impl Drop for PurgeGuard {
             let stream = self.stream.clone();
             let subject = std::mem::take(&mut self.subject);
             let chunks = self.chunks.clone();
-            rt.spawn(async move { purge_chunks(&stream, &subject, &chunks).await });
+            rt.spawn(async move {
+                purge_chunks(&stream, &subject, &chunks).await;
+                // Chunks still in flight when the put was dropped may land after the
+                // first purge.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Err(e) = stream.purge().filter(subject.as_str()).await {
+                    tracing::warn!(error = %e, "could not purge the chunks of a dropped put");
+                }
+            });
         }
     }
 }
@@ -489,33 +509,14 @@ impl Direct {
         let mut seqs = Vec::new();
         let mut size = 0u64;
         let mut sha = Sha256::new();
-        loop {
-            let mut buf = BytesMut::with_capacity(CHUNK_SIZE);
-            fill(reader, &mut buf, CHUNK_SIZE).await?;
-            if buf.is_empty() {
-                break;
-            }
-            let payload: Bytes = buf.freeze();
-            sha.update(&payload);
-            size += payload.len() as u64;
-            let last = payload.len() < CHUNK_SIZE;
-            let ack = self
-                .js
-                .publish(guard.subject.clone(), payload)
-                .await
-                .map_err(|e| backend("chunk publish", e))?;
-            guard.chunks.fetch_add(1, Ordering::Relaxed);
-            acks.push_back(std::future::IntoFuture::into_future(ack));
-            while acks.len() >= PUTS_IN_FLIGHT {
-                let ack = acks.next().await.expect("non-empty");
-                seqs.push(ack.map_err(|e| backend("chunk ack", e))?.sequence);
-            }
-            if last {
-                break;
-            }
-        }
-        while let Some(ack) = acks.next().await {
-            seqs.push(ack.map_err(|e| backend("chunk ack", e))?.sequence);
+        let sent = self
+            .send_chunks(guard, reader, &mut acks, &mut seqs, &mut size, &mut sha)
+            .await;
+        if let Err(e) = sent {
+            // Every chunk already sent must be stored or refused before the caller purges,
+            // or one landing after the purge would stay behind.
+            while acks.next().await.is_some() {}
+            return Err(e);
         }
         let digest = sha.finalize();
         let mut metadata = std::collections::HashMap::new();
@@ -553,6 +554,47 @@ impl Direct {
             .map_err(|e| backend("object description ack", e))?;
         METRICS.bytes_written.inc_by(size);
         Ok(info)
+    }
+
+    /// Publishes the chunks of `reader`, keeping up to [`PUTS_IN_FLIGHT`] unacknowledged.
+    async fn send_chunks(
+        &self,
+        guard: &PurgeGuard,
+        reader: &mut (dyn AsyncRead + Send + Unpin),
+        acks: &mut futures::stream::FuturesOrdered<AckFuture>,
+        seqs: &mut Vec<u64>,
+        size: &mut u64,
+        sha: &mut Sha256,
+    ) -> Result<(), ArtifactError> {
+        loop {
+            let mut buf = BytesMut::with_capacity(CHUNK_SIZE);
+            fill(reader, &mut buf, CHUNK_SIZE).await?;
+            if buf.is_empty() {
+                break;
+            }
+            let payload: Bytes = buf.freeze();
+            sha.update(&payload);
+            *size += payload.len() as u64;
+            let last = payload.len() < CHUNK_SIZE;
+            let ack = self
+                .js
+                .publish(guard.subject.clone(), payload)
+                .await
+                .map_err(|e| backend("chunk publish", e))?;
+            guard.chunks.fetch_add(1, Ordering::Relaxed);
+            acks.push_back(std::future::IntoFuture::into_future(ack));
+            while acks.len() >= PUTS_IN_FLIGHT {
+                let ack = acks.next().await.expect("non-empty");
+                seqs.push(ack.map_err(|e| backend("chunk ack", e))?.sequence);
+            }
+            if last {
+                break;
+            }
+        }
+        while let Some(ack) = acks.next().await {
+            seqs.push(ack.map_err(|e| backend("chunk ack", e))?.sequence);
+        }
+        Ok(())
     }
 
     async fn get_range(

@@ -72,6 +72,18 @@ pub async fn start_stage<H: Handler>(
     handler: H,
     shutdown: CancellationToken,
 ) -> anyhow::Result<StageServer> {
+    // Every ffmpeg/ffprobe run of this process gets the configured limits, and the
+    // scratch an earlier process of this stage left (crash, kill) goes before work starts.
+    media::tool::configure(media::tool::settings_from(&cfg.fetch));
+    let scratch_root = cfg
+        .artifacts
+        .scratch_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir);
+    media::scratch::clean_scratch(
+        &scratch_root,
+        <H::Job as lipsync_schemas::WorkItem>::STAGE.as_str(),
+    );
     let registry = Registry::new();
     let metrics = metrics::StageMetrics::register(&registry)?;
     let ready = ops::Readiness::default();

@@ -3,10 +3,15 @@
 //! touching the live folders of other stages or of other replicas sharing the directory.
 //!
 //! Names are `lipsync-<stage>-<pid>-<random>`. [`clean_scratch`] removes this stage's
-//! entries whose process is gone, and the older names this product used
-//! (`lipsync-<stage>-<random>`, `<stage>-<random>`, `lipsync-job-<stage>-<random>`).
+//! entries whose process is gone at once, and entries without a pid
+//! (`lipsync-<stage>-<random>`, `lipsync-job-<stage>-<random>`), which may belong to a live
+//! replica sharing the directory, only once they are older than [`STALE_AFTER`].
 
 use std::path::Path;
+use std::time::Duration;
+
+/// Age after which a scratch entry without a pid in its name counts as left over.
+pub const STALE_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// Prefix of a new scratch folder or file of `stage` in this process.
 pub fn scratch_prefix(stage: &str) -> String {
@@ -17,8 +22,9 @@ fn pid_alive(pid: u32) -> bool {
     pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Whether `name` is a scratch entry of `stage` left by a process that is gone.
-pub fn is_leftover(name: &str, stage: &str) -> bool {
+/// Whether `name` (last modified `age` ago) is a scratch entry of `stage` left by a
+/// process that is gone.
+pub fn is_leftover(name: &str, stage: &str, age: Duration) -> bool {
     let ours = format!("lipsync-{stage}-");
     if let Some(rest) = name.strip_prefix(&ours) {
         // `<pid>-<random>`: keep it while that process lives.
@@ -27,9 +33,9 @@ pub fn is_leftover(name: &str, stage: &str) -> bool {
         {
             return !pid_alive(pid);
         }
-        return true; // an older name without a pid
+        return age > STALE_AFTER; // a name without a pid
     }
-    name.starts_with(&format!("lipsync-job-{stage}-")) || name.starts_with(&format!("{stage}-"))
+    name.starts_with(&format!("lipsync-job-{stage}-")) && age > STALE_AFTER
 }
 
 /// Removes the scratch entries (folders or files) of `stage` in `dir` that earlier
@@ -43,7 +49,13 @@ pub fn clean_scratch(dir: &Path, stage: &str) -> usize {
     for e in entries.flatten() {
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };
-        if !is_leftover(name, stage) {
+        let age = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default();
+        if !is_leftover(name, stage, age) {
             continue;
         }
         let path = e.path();
@@ -82,7 +94,16 @@ mod tests {
             std::fs::create_dir(d.path().join(name)).unwrap();
         }
         std::fs::write(d.path().join(format!("lipsync-mux-{dead}-spool")), b"x").unwrap();
-        assert_eq!(clean_scratch(d.path(), "mux"), 4);
+        // Entries without a pid are kept while young (a live replica may own them).
+        assert_eq!(clean_scratch(d.path(), "mux"), 2);
+        assert!(is_leftover("lipsync-mux-old", "mux", STALE_AFTER * 2));
+        assert!(is_leftover("lipsync-job-mux-x", "mux", STALE_AFTER * 2));
+        assert!(!is_leftover(
+            "lipsync-job-mux-x",
+            "mux",
+            Duration::from_secs(60)
+        ));
+        assert!(!is_leftover("mux-x", "mux", STALE_AFTER * 2));
         let mut left: Vec<String> = std::fs::read_dir(d.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -92,7 +113,9 @@ mod tests {
             left,
             [
                 "lipsync-face-1-x".to_owned(),
+                "lipsync-job-mux-x".to_owned(),
                 format!("lipsync-mux-{me}-live"),
+                "lipsync-mux-old".to_owned(),
                 "unrelated".to_owned()
             ]
         );
