@@ -430,8 +430,7 @@ fn progress_time_s(stdout: &[u8]) -> Option<f64> {
         .lines()
         .filter_map(|l| l.strip_prefix("out_time_us="))
         .filter_map(|v| v.trim().parse::<i64>().ok())
-        .filter(|v| *v >= 0)
-        .last()
+        .rfind(|v| *v >= 0)
         .map(|us| us as f64 / 1e6)
 }
 
