@@ -237,6 +237,9 @@ async fn upload(env: &Env, video: &[u8], audio: &[u8], cut: Option<usize>) -> Op
     }
     if cut.is_some() {
         tokio::time::sleep(Duration::from_millis(300)).await;
+        // A zero linger sends a reset on close (what a client crash looks like); it does
+        // not block, which is what the deprecation is about.
+        #[allow(deprecated)]
         s.set_linger(Some(Duration::ZERO)).unwrap();
         drop(s);
         return None;
