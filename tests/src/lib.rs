@@ -37,6 +37,9 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// `artifacts.max_bytes` of every test service (1 GiB).
+pub const TEST_ARTIFACT_BYTES: i64 = 1 << 30;
+
 /// A nats-server child process with JetStream and its own store directory.
 pub struct NatsServer {
     child: Option<Child>,
@@ -135,6 +138,9 @@ impl NatsServer {
         cfg.runner.nak_delay_max_s = 0.2;
         cfg.runner.shutdown_grace_s = 5;
         cfg.runner.progress_interval_ms = 0;
+        // JetStream reserves the object store's cap from the server's disk budget at
+        // creation: keep it small so test servers start on a machine with little free disk.
+        cfg.artifacts.max_bytes = TEST_ARTIFACT_BYTES;
         cfg.fetch.listen = "127.0.0.1:0".parse().expect("addr");
         cfg.gateway.listen = "127.0.0.1:0".parse().expect("addr");
         cfg

@@ -188,6 +188,10 @@ impl Pipeline {
         let mut env: Vec<(String, String)> = vec![
             ("LIPSYNC_NATS__URL".into(), nats.url()),
             ("LIPSYNC_NATS__ACK_WAIT_S".into(), "8".into()),
+            (
+                "LIPSYNC_ARTIFACTS__MAX_BYTES".into(),
+                crate::TEST_ARTIFACT_BYTES.to_string(),
+            ),
             ("LIPSYNC_RUNNER__NAK_DELAY_S".into(), "0.2".into()),
             ("LIPSYNC_RUNNER__NAK_DELAY_MAX_S".into(), "1".into()),
             ("LIPSYNC_RUNNER__PULL_EXPIRES_S".into(), "1".into()),
@@ -199,6 +203,8 @@ impl Pipeline {
             ),
             ("LIPSYNC_MODELS__PROFILE".into(), "tiny".into()),
             ("LIPSYNC_FACE__INTRA_THREADS".into(), "1".into()),
+            // Progress (and so the job's lease) after every 2 frames on loaded runs.
+            ("LIPSYNC_FACE__BATCH_SIZE".into(), "2".into()),
             ("LIPSYNC_AUDIO__INTRA_THREADS".into(), "1".into()),
             ("LIPSYNC_INFER__INTRA_THREADS".into(), "1".into()),
             (
@@ -224,7 +230,12 @@ impl Pipeline {
             ports,
             procs: BTreeMap::new(),
             env,
-            http: reqwest::Client::new(),
+            // Below the gateway's header-read timeout (10 s), so a connection left idle
+            // while the test blocks (making media) is never reused after the server
+            // closed it.
+            http: reqwest::Client::builder()
+                .pool_idle_timeout(Duration::from_secs(5))
+                .build()?,
         };
         for s in STAGES {
             p.spawn(s)?;

@@ -32,14 +32,20 @@ async fn next_json(ws: &mut Ws) -> Option<Value> {
 }
 
 async fn drive_to_completion(env: &Env, id: &str) {
-    env.tasks.mark_started(id, Stage::Fetch, 1, 0).await.unwrap();
+    env.tasks
+        .mark_started(id, Stage::Fetch, 1, 0)
+        .await
+        .unwrap();
     for f in [0.25, 0.5, 1.0] {
         env.tasks
             .progress(id, Stage::Fetch, f, &format!("fetch {f}"))
             .await
             .unwrap();
     }
-    env.tasks.mark_started(id, Stage::Infer, 1, 0).await.unwrap();
+    env.tasks
+        .mark_started(id, Stage::Infer, 1, 0)
+        .await
+        .unwrap();
     env.tasks
         .update(id, |r| {
             r.status = Status::Completed;

@@ -89,9 +89,12 @@ impl lipsync_runtime::Handler for FaceStage {
         let detector = match self.take_detector() {
             Some(d) => d,
             None => {
+                // Loading a model is bounded work without progress of its own.
                 let settings = self.settings.clone();
-                ctx.run_blocking("face detector start", move |_| settings.build_detector())
-                    .await??
+                ctx.keepalive(
+                    ctx.run_blocking("face detector start", move |_| settings.build_detector()),
+                )
+                .await???
             }
         };
         let settings = self.settings.track.clone();

@@ -90,6 +90,10 @@ impl MuxStage {
                                 break;
                             }
                             let done = progress.done.load(Ordering::Relaxed);
+                            if done as usize >= total {
+                                // Every frame is sent: the encoders' flush is bounded.
+                                b.alive();
+                            }
                             if done != last {
                                 last = done;
                                 let f = FETCHED
