@@ -380,9 +380,16 @@ fn spawn_fetch(e: &Env) -> std::process::Child {
         // The test's own bootstrap made the consumer first: this process applies its
         // settings (ack_wait 3 s) as the deployment's one topology owner would.
         .env("LIPSYNC_NATS__APPLY_TOPOLOGY", "true")
+        // As the topology owner it also applies `artifacts.max_bytes`: the test cap, not
+        // the 16 GiB default, which JetStream refuses where the disk has less free.
+        .env(
+            "LIPSYNC_ARTIFACTS__MAX_BYTES",
+            lipsync_tests::TEST_ARTIFACT_BYTES.to_string(),
+        )
         .env("LIPSYNC_LOG__FILTER", "warn")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        // Its warnings and a start-up failure land in the test's captured output.
+        .stderr(std::process::Stdio::inherit())
         .spawn()
         .expect("lipsync-fetch binary")
 }
