@@ -35,7 +35,7 @@ for src in sources:
         pending = []
 
 section_struct = {
-    "nats": "NatsConfig", "log": "LogConfig", "runner": "RunnerConfig",
+    "nats": "NatsConfig", "log": "LogConfig", "trace": "TraceConfig", "runner": "RunnerConfig",
     "artifacts": "ArtifactsConfig", "tasks": "TasksConfig", "fetch": "FetchConfig",
     "gateway": "GatewayConfig", "face": "FaceConfig", "audio": "AudioConfig",
     "infer": "InferConfig", "mux": "MuxConfig", "models": "ModelsConfig",

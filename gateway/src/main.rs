@@ -19,7 +19,9 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let cfg: Config = config::load_or_exit(&cli.config);
-    telemetry::init(&cfg.log);
+    telemetry::init(&cfg.log, &cfg.trace);
     let token = shutdown::install();
-    lipsync_gateway::run(cfg, token).await
+    let result = lipsync_gateway::run(cfg, token).await;
+    telemetry::shutdown();
+    result
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod otlp;
 pub mod pipeline;
 
 /// Path of the nats-server binary: `LIPSYNC_NATS_SERVER_BIN`, else the project venv, else

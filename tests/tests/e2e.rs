@@ -3,13 +3,23 @@
 
 use std::time::{Duration, Instant};
 
+use lipsync_tests::otlp::{OtlpReceiver, render};
 use lipsync_tests::pipeline::{Pipeline, frames, probe};
+use lipsync_tests::wait_for;
 
 const TASK_TIMEOUT: Duration = Duration::from_secs(240);
 
 #[tokio::test]
 async fn one_task_completes_and_changes_only_the_face() {
-    let p = Pipeline::start().await.unwrap();
+    // Every process exports its spans to this receiver (OTLP/HTTP).
+    let otlp = OtlpReceiver::start().await.unwrap();
+    let endpoint = otlp.endpoint();
+    let p = Pipeline::start_with(&[
+        ("LIPSYNC_TRACE__OTLP_ENDPOINT", endpoint.as_str()),
+        ("LIPSYNC_TRACE__EXPORT_INTERVAL_MS", "200"),
+    ])
+    .await
+    .unwrap();
     p.media.face_clip("face.mp4", 2.0, 512, 512, 25, false);
     p.media.audio("voice.wav", 2.6);
     let t0 = Instant::now();
@@ -61,6 +71,8 @@ async fn one_task_completes_and_changes_only_the_face() {
     // The local copy the seed describes (outputs/{task_id}/).
     assert!(p.outputs.path().join(&id).join("result.mp4").exists());
 
+    one_trace_in_causal_order(&otlp, &id).await;
+
     // Pixels outside the (dilated) blend mask equal the input within codec noise;
     // inside, the tiny model's noise changed them.
     let (w, h, out) = frames(&result).unwrap();
@@ -103,6 +115,56 @@ async fn one_task_completes_and_changes_only_the_face() {
         inside_mean > outside_mean * 3.0,
         "the face region did not change"
     );
+}
+
+/// The task is one trace: the gateway's root span, then one span per stage, each the
+/// child of the span that handed it its work, each starting after its parent.
+async fn one_trace_in_causal_order(otlp: &OtlpReceiver, task_id: &str) {
+    let trace_id = lipsync_runtime::runner::trace_id(task_id);
+    const STAGES: [&str; 5] = ["fetch", "face", "audio", "infer", "mux"];
+    let spans = wait_for(Duration::from_secs(30), || {
+        let spans = otlp.trace(&trace_id);
+        let has = |n: &str| spans.iter().any(|s| s.name == n);
+        let done = (has("task") && STAGES.iter().all(|s| has(s))).then_some(spans);
+        async move { done }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("trace {trace_id}: {e}; received {:#?}", otlp.spans()));
+    eprintln!("trace {trace_id}:\n{}", render(&spans));
+    // Of a stage run more than once, the last attempt is the one that handed on.
+    let span = |name: &str| {
+        spans
+            .iter()
+            .filter(|s| s.name == name)
+            .max_by_key(|s| s.attributes.get("attempt").cloned().unwrap_or_default())
+            .unwrap()
+    };
+    let root = span("task");
+    assert_eq!(root.service, "lipsync-gateway");
+    assert_eq!(root.parent_span_id, "", "{root:?}");
+    assert_eq!(root.attributes["task_id"], task_id);
+    for s in STAGES {
+        let j = span(s);
+        assert_eq!(j.service, format!("lipsync-{s}"), "{j:?}");
+        assert_eq!(j.attributes["task_id"], task_id, "{j:?}");
+        assert_eq!(j.attributes["trace_id"], trace_id, "{j:?}");
+        assert!(j.end_ns >= j.start_ns, "{j:?}");
+    }
+    let child_of = |child: &str, parents: &[&str]| {
+        let c = span(child);
+        let p = parents
+            .iter()
+            .map(|p| span(p))
+            .find(|p| p.span_id == c.parent_span_id)
+            .unwrap_or_else(|| panic!("{child}'s parent is none of {parents:?}: {c:?}"));
+        assert!(c.start_ns >= p.start_ns, "{child} starts before {}", p.name);
+    };
+    child_of("fetch", &["task"]);
+    child_of("face", &["fetch"]);
+    child_of("audio", &["fetch"]);
+    // Whichever of face and audio finished last published the infer job.
+    child_of("infer", &["face", "audio"]);
+    child_of("mux", &["infer"]);
 }
 
 /// Pixels within `r` of a mask pixel above 8 (separable max filter on an RGB frame).

@@ -19,6 +19,7 @@ use lipsync_runtime::tasks::now;
 use lipsync_schemas::{
     ErrorCode, FetchJob, InputSource, TaskError, TaskRecord, TaskRequest, WORK_VERSION,
 };
+use tracing::Instrument;
 
 use crate::AppState;
 use crate::api::{SyncRequest, SyncResponse};
@@ -237,7 +238,20 @@ async fn accept(
         video,
         audio,
     };
-    if let Err(e) = lipsync_runtime::publish_work(&state.js, &job).await {
+    // The root of the task's trace: every stage's job span descends from it.
+    let trace_id = lipsync_runtime::runner::trace_id(&task_id);
+    let span = tracing::info_span!(
+        parent: None,
+        "task",
+        task_id = %task_id,
+        trace_id = %trace_id,
+        tenant = caller.tenant.as_deref().unwrap_or("-")
+    );
+    lipsync_runtime::telemetry::root_trace(&span, &trace_id);
+    let published = lipsync_runtime::publish_work(&state.js, &job)
+        .instrument(span)
+        .await;
+    if let Err(e) = published {
         tracing::warn!(task_id = %task_id, request_id, error = %e, "work.fetch publish failed");
         let err = TaskError::new(
             ErrorCode::Internal,
@@ -253,7 +267,7 @@ async fn accept(
     state.metrics.submitted.inc();
     tracing::info!(
         task_id = %task_id,
-        trace_id = %lipsync_runtime::runner::trace_id(&task_id),
+        trace_id = %trace_id,
         request_id,
         tenant = caller.tenant.as_deref().unwrap_or("-"),
         "task queued"

@@ -51,7 +51,7 @@ async fn main() {
         eprintln!("error: {e}");
         std::process::exit(EXIT_USAGE);
     }
-    lipsync_runtime::telemetry::init(&cfg.log);
+    lipsync_runtime::telemetry::init(&cfg.log, &cfg.trace);
     let result = match cli.command {
         None | Some(Cmd::Serve) => {
             let shutdown = lipsync_runtime::shutdown::install();

@@ -49,7 +49,7 @@ async fn main() {
         eprintln!("error: {e}");
         std::process::exit(EXIT_USAGE);
     }
-    lipsync_runtime::telemetry::init(&cfg.log);
+    lipsync_runtime::telemetry::init(&cfg.log, &cfg.trace);
     match cli.command {
         None | Some(Cmd::Serve) => {
             lipsync_runtime::serve("lipsync-face", cfg, lipsync_face::run).await;

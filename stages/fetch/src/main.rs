@@ -39,7 +39,7 @@ async fn main() {
         eprintln!("error: invalid configuration: {e}");
         std::process::exit(EXIT_USAGE);
     }
-    lipsync_runtime::telemetry::init(&cfg.log);
+    lipsync_runtime::telemetry::init(&cfg.log, &cfg.trace);
     match cli.command {
         None | Some(Cmd::Serve) => {
             lipsync_runtime::serve("lipsync-fetch", cfg, lipsync_fetch::run).await;

@@ -487,4 +487,13 @@ fn invalid_config_exits_64_and_print_config_shows_layers() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64), "unknown env keys are rejected");
+
+    // Trace export only speaks OTLP/HTTP: another scheme is a usage error, not silence.
+    let out = Command::new(bin)
+        .env("LIPSYNC_TRACE__OTLP_ENDPOINT", "grpc://collector:4317")
+        .env("LIPSYNC_NATS__URL", "nats://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("trace.otlp_endpoint"));
 }

@@ -60,7 +60,7 @@ impl Control for Quiet {
 async fn main() {
     let cli = Cli::parse();
     let cfg: Config = load_or_exit(&cli.config);
-    lipsync_runtime::telemetry::init(&cfg.log);
+    lipsync_runtime::telemetry::init(&cfg.log, &cfg.trace);
     match cli.command {
         None | Some(Cmd::Serve) => {
             lipsync_runtime::serve("lipsync-infer", cfg, lipsync_infer::run).await;

@@ -27,6 +27,8 @@ pub struct Config {
     pub nats: NatsConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Trace export (OpenTelemetry, OTLP).
+    pub trace: TraceConfig,
     /// Stage runner behaviour shared by all stages.
     pub runner: RunnerConfig,
     /// Artifact store.
@@ -151,6 +153,34 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::Compact,
             filter: "info".into(),
+        }
+    }
+}
+
+/// OpenTelemetry trace export. Every job is a span of its task's trace (trace id = the
+/// task id's 32 hex digits); the context travels in the work messages' `traceparent`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TraceConfig {
+    /// OTLP/HTTP (protobuf) collector, e.g. `http://otel-collector:4318`; `/v1/traces` is
+    /// appended unless the URL already ends with it. Empty = no export (the default).
+    pub otlp_endpoint: String,
+    /// Milliseconds between export batches. Default 5000.
+    pub export_interval_ms: u64,
+    /// Seconds one export request may take. Default 10.
+    pub export_timeout_s: u64,
+    /// Finished spans held for export; more are dropped while the collector is slow or
+    /// away. Default 2048.
+    pub max_queued_spans: usize,
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            export_interval_ms: 5000,
+            export_timeout_s: 10,
+            max_queued_spans: 2048,
         }
     }
 }

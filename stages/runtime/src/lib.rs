@@ -177,8 +177,12 @@ where
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let shutdown = shutdown::install();
-    if let Err(e) = run(cfg, shutdown).await {
+    let result = run(cfg, shutdown).await;
+    if let Err(e) = &result {
         tracing::error!(error = %e, service = name, "failed");
+    }
+    telemetry::shutdown();
+    if result.is_err() {
         std::process::exit(1);
     }
 }

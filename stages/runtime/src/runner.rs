@@ -626,15 +626,14 @@ pub fn trace_id(task_id: &str) -> String {
     }
 }
 
+/// A work message's W3C `traceparent` header.
+fn traceparent(msg: &jetstream::Message) -> Option<&str> {
+    Some(msg.headers.as_ref()?.get("traceparent")?.as_str())
+}
+
 /// The trace id a work message carries in its W3C `traceparent` header, if valid.
 fn header_trace_id(msg: &jetstream::Message) -> Option<String> {
-    let tp = msg
-        .headers
-        .as_ref()?
-        .get("traceparent")?
-        .as_str()
-        .to_owned();
-    let mut parts = tp.split('-');
+    let mut parts = traceparent(msg)?.split('-');
     let (_version, trace) = (parts.next()?, parts.next()?);
     (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit())).then(|| trace.to_owned())
 }
@@ -647,11 +646,12 @@ pub async fn publish_next(
     item: &NextWork,
 ) -> Result<(), String> {
     let mut headers = async_nats::HeaderMap::new();
-    let span_id: u64 = rand::random::<u64>().max(1);
-    headers.insert(
-        "traceparent",
-        format!("00-{}-{span_id:016x}-01", trace_id(task_id)).as_str(),
-    );
+    // The publishing span (a job, or the gateway's task span) when spans are exported.
+    let tp = crate::telemetry::current_traceparent().unwrap_or_else(|| {
+        let span_id: u64 = rand::random::<u64>().max(1);
+        format!("00-{}-{span_id:016x}-01", trace_id(task_id))
+    });
+    headers.insert("traceparent", tp.as_str());
     headers.insert(
         async_nats::header::NATS_MESSAGE_ID,
         names::msg_id(task_id, item.stage).as_str(),
@@ -808,12 +808,18 @@ impl<H: Handler> Runner<H> {
         let task_id = job.task_id().to_owned();
         let trace = header_trace_id(&msg).unwrap_or_else(|| trace_id(&task_id));
         let span = tracing::info_span!(
+            parent: None,
             "job",
+            otel.name = stage.as_str(),
             %stage,
             task_id = %task_id,
             attempt = delivered,
             trace_id = %trace
         );
+        // The exported span is the child of the one that published this message.
+        if !traceparent(&msg).is_some_and(|tp| crate::telemetry::continue_trace(&span, tp)) {
+            crate::telemetry::root_trace(&span, &trace);
+        }
         self.process_job(msg, job, delivered, seq, shutdown)
             .instrument(span)
             .await;
