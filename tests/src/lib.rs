@@ -2,7 +2,7 @@
 //! store per test, readiness waits without bare sleeps, explicit shutdown.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,23 @@ pub fn workspace_root() -> PathBuf {
         .parent()
         .expect("tests crate has a parent")
         .to_path_buf()
+}
+
+/// Writes `clip.mp4` in `dir`: `frames` frames of ffmpeg's moving test pattern at
+/// `width x height`, 25 fps, yuv420p.
+pub fn pattern_clip(dir: &Path, width: u32, height: u32, frames: usize) -> PathBuf {
+    let out = dir.join("clip.mp4");
+    let ok = Command::new("ffmpeg")
+        .args(["-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i"])
+        .arg(format!(
+            "testsrc2=size={width}x{height}:rate=25,trim=end_frame={frames}"
+        ))
+        .args(["-pix_fmt", "yuv420p"])
+        .arg(&out)
+        .status()
+        .expect("ffmpeg");
+    assert!(ok.success());
+    out
 }
 
 /// A free TCP port on loopback (bound and released; good enough for a child server).

@@ -3,7 +3,7 @@
 //! through to a mux job, progress rises per step, seeds reproduce bit for bit, the audio
 //! changes the crops, and cancellation stops the job.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use lipsync_runtime::features::AudioFeatures;
 use lipsync_runtime::tasks::TaskStore;
 use lipsync_runtime::{ArtifactStore, NatsArtifacts, StageServer};
 use lipsync_schemas::{FaceTrack, MuxJob, Stage, Status, TaskRecord, names};
-use lipsync_tests::{NatsServer, new_record, topology, wait_for, workspace_root};
+use lipsync_tests::{NatsServer, new_record, pattern_clip, topology, wait_for, workspace_root};
 use tokio_util::sync::CancellationToken;
 
 const W: u32 = 160;
@@ -32,21 +32,6 @@ struct Env {
     shutdown: CancellationToken,
 }
 
-fn clip(dir: &Path, frames: usize) -> PathBuf {
-    let out = dir.join("clip.mp4");
-    let ok = Command::new("ffmpeg")
-        .args(["-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i"])
-        .arg(format!(
-            "testsrc2=size={W}x{H}:rate=25,trim=end_frame={frames}"
-        ))
-        .args(["-pix_fmt", "yuv420p"])
-        .arg(&out)
-        .status()
-        .expect("ffmpeg");
-    assert!(ok.success());
-    out
-}
-
 async fn env(video_frames: usize) -> Env {
     let nats = NatsServer::start().await.unwrap();
     let mut cfg = nats.config();
@@ -55,7 +40,7 @@ async fn env(video_frames: usize) -> Env {
     cfg.infer.listen = "127.0.0.1:0".parse().unwrap();
     let topo = topology(&cfg).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let video = clip(dir.path(), video_frames);
+    let video = pattern_clip(dir.path(), W, H, video_frames);
     let shutdown = CancellationToken::new();
     let stage = lipsync_infer::start(&cfg, shutdown.clone()).await.unwrap();
     Env {

@@ -3,60 +3,16 @@
 //! the exact path, a full step at every step (interval 1) gives exactly the exact output,
 //! and a profile without the pair refuses a DeepCache interval.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use std::path::Path;
+
+use common::{Go, clip, config, decode, track};
 use lipsync_infer::crops::CropsCodec;
 use lipsync_infer::engine::{Device, Engine, EngineExtras, EngineOptions};
 use lipsync_infer::mask::Mask;
-use lipsync_infer::pipeline::{self, Control, JobInputs, Report};
+use lipsync_infer::pipeline::{self, JobInputs, Report};
 use lipsync_infer::{InferStage, synthetic};
-use lipsync_runtime::Config;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn config() -> Config {
-    let mut cfg = Config::default();
-    cfg.models.profile = "tiny".into();
-    cfg.models.manifest = root().join("models/manifest.toml");
-    cfg.infer.intra_threads = 1;
-    cfg
-}
-
-fn clip(dir: &Path, frames: usize) -> PathBuf {
-    let out = dir.join("clip.mp4");
-    let ok = Command::new("ffmpeg")
-        .args(["-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i"])
-        .arg(format!(
-            "testsrc2=size=320x240:rate=25,trim=end_frame={frames}"
-        ))
-        .args(["-pix_fmt", "yuv420p"])
-        .arg(&out)
-        .status()
-        .expect("ffmpeg");
-    assert!(ok.success());
-    out
-}
-
-fn decode(path: &Path) -> Vec<u8> {
-    let out = Command::new("ffmpeg")
-        .args(["-nostdin", "-v", "error", "-i"])
-        .arg(path)
-        .args(["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"])
-        .output()
-        .expect("ffmpeg");
-    assert!(out.status.success());
-    out.stdout
-}
-
-struct Go;
-impl Control for Go {
-    fn step(&mut self, _: u64, _: u64) -> bool {
-        true
-    }
-}
 
 /// Runs `frames` frames with `steps` DDIM steps at DeepCache `interval`; returns the report
 /// and the decoded (lossless) crops.
@@ -90,14 +46,7 @@ fn run(
         g.resolution,
     )
     .unwrap();
-    let track = synthetic::face_track(
-        320,
-        240,
-        frames,
-        g.crop_w as u32,
-        g.crop_h as u32,
-        g.resolution as u32,
-    );
+    let track = track(&g, frames);
     let features = synthetic::features(frames, 1);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("crops.mkv");
@@ -195,14 +144,7 @@ fn the_stage_takes_the_interval_from_its_config() {
     let stage = InferStage::new(&cfg).unwrap();
     let params = stage.params(7, 1.5, 5);
     let g = params.geometry;
-    let track = synthetic::face_track(
-        320,
-        240,
-        16,
-        g.crop_w as u32,
-        g.crop_h as u32,
-        g.resolution as u32,
-    );
+    let track = track(&g, 16);
     let features = synthetic::features(16, 1);
     let report = stage
         .run_blocking(

@@ -1,53 +1,13 @@
 //! The pipeline on the real ONNX Runtime path with the `tiny` profile, without NATS:
 //! stopping between steps, passthrough frames, output length per length mode.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use common::{Go, clip, config, decode, track};
 use lipsync_infer::image::{invert_affine, resize_lanczos, warp_affine};
 use lipsync_infer::pipeline::Control;
 use lipsync_infer::{InferError, InferStage, synthetic};
-use lipsync_runtime::Config;
 use lipsync_runtime::media::LengthMode;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn config() -> Config {
-    let mut cfg = Config::default();
-    cfg.models.profile = "tiny".into();
-    cfg.models.manifest = root().join("models/manifest.toml");
-    cfg.infer.intra_threads = 1;
-    cfg
-}
-
-fn clip(dir: &Path, frames: usize) -> PathBuf {
-    let out = dir.join("clip.mp4");
-    let ok = Command::new("ffmpeg")
-        .args(["-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i"])
-        .arg(format!(
-            "testsrc2=size=320x240:rate=25,trim=end_frame={frames}"
-        ))
-        .args(["-pix_fmt", "yuv420p"])
-        .arg(&out)
-        .status()
-        .expect("ffmpeg");
-    assert!(ok.success());
-    out
-}
-
-/// Decoded RGB24 frames of a crops file.
-fn decode(path: &Path) -> Vec<u8> {
-    let out = Command::new("ffmpeg")
-        .args(["-nostdin", "-v", "error", "-i"])
-        .arg(path)
-        .args(["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"])
-        .output()
-        .expect("ffmpeg");
-    assert!(out.status.success());
-    out.stdout
-}
 
 fn psnr(a: &[u8], b: &[u8]) -> f64 {
     let mse = a
@@ -78,14 +38,7 @@ fn stops_at_the_step_where_it_was_told_to() {
     let stage = InferStage::new(&config()).unwrap();
     let params = stage.params(50, 1.5, 3);
     let g = params.geometry;
-    let track = synthetic::face_track(
-        320,
-        240,
-        20,
-        g.crop_w as u32,
-        g.crop_h as u32,
-        g.resolution as u32,
-    );
+    let track = track(&g, 20);
     let features = synthetic::features(20, 1);
     let before = stage.unet_runs();
     let mut control = StopAt { at: 3, seen: 0 };
@@ -103,13 +56,6 @@ fn stops_at_the_step_where_it_was_told_to() {
     assert_eq!(stage.unet_runs() - before, 3);
 }
 
-struct Go;
-impl Control for Go {
-    fn step(&mut self, _: u64, _: u64) -> bool {
-        true
-    }
-}
-
 #[test]
 fn frames_without_a_face_keep_their_warped_crop() {
     let dir = tempfile::tempdir().unwrap();
@@ -117,14 +63,7 @@ fn frames_without_a_face_keep_their_warped_crop() {
     let stage = InferStage::new(&config()).unwrap();
     let params = stage.params(2, 1.5, 3);
     let g = params.geometry;
-    let mut track = synthetic::face_track(
-        320,
-        240,
-        20,
-        g.crop_w as u32,
-        g.crop_h as u32,
-        g.resolution as u32,
-    );
+    let mut track = track(&g, 20);
     // Frame 5 has no face; frames 16..20 (the whole second chunk) neither.
     track.frames[5].present = false;
     for f in &mut track.frames[16..] {
@@ -190,14 +129,7 @@ fn output_length_follows_the_length_mode() {
         let stage = InferStage::new(&cfg).unwrap();
         let params = stage.params(1, 1.0, 3);
         let g = params.geometry;
-        let track = synthetic::face_track(
-            320,
-            240,
-            12,
-            g.crop_w as u32,
-            g.crop_h as u32,
-            g.resolution as u32,
-        );
+        let track = track(&g, 12);
         let features = synthetic::features(audio_frames, 1);
         let out = dir.path().join(format!("{mode:?}.mkv"));
         let report = stage
@@ -232,14 +164,7 @@ fn a_panic_in_the_pipeline_fails_that_run_and_the_engine_serves_the_next() {
     let stage = InferStage::new(&cfg).unwrap();
     let params = stage.params(3, 1.5, 3);
     let g = params.geometry;
-    let track = synthetic::face_track(
-        320,
-        240,
-        20,
-        g.crop_w as u32,
-        g.crop_h as u32,
-        g.resolution as u32,
-    );
+    let track = track(&g, 20);
     let features = synthetic::features(20, 1);
     let out = dir.path().join("c.mkv");
     let res = stage.run_blocking(&params, &video, &track, &features, &out, &mut PanicAt(2));

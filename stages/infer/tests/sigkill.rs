@@ -1,7 +1,6 @@
 //! The real `lipsync-infer` binary killed with SIGKILL in the middle of a job: the job is
 //! redelivered after the ack wait, runs again from the start and completes exactly once.
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -10,7 +9,7 @@ use lipsync_infer::synthetic;
 use lipsync_runtime::NatsArtifacts;
 use lipsync_runtime::tasks::TaskStore;
 use lipsync_schemas::{Status, TaskRecord, names};
-use lipsync_tests::{NatsServer, new_record, topology, wait_for, workspace_root};
+use lipsync_tests::{NatsServer, new_record, pattern_clip, topology, wait_for, workspace_root};
 
 fn spawn(nats: &NatsServer) -> Child {
     Command::new(env!("CARGO_BIN_EXE_lipsync-infer"))
@@ -50,15 +49,7 @@ async fn sigkill_mid_job_is_redelivered_and_completes_once() {
     let artifacts = NatsArtifacts::new(topo.artifacts.clone());
 
     let dir = tempfile::tempdir().unwrap();
-    let video: PathBuf = dir.path().join("clip.mp4");
-    let ok = Command::new("ffmpeg")
-        .args(["-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i"])
-        .arg("testsrc2=size=160x120:rate=25,trim=end_frame=16")
-        .args(["-pix_fmt", "yuv420p"])
-        .arg(&video)
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    let video = pattern_clip(dir.path(), 160, 120, 16);
     let track = synthetic::face_track(160, 120, 16, 210, 280, 256);
     let features = synthetic::features(24, 3);
 
