@@ -157,6 +157,30 @@ impl Env {
         tid
     }
 
+    /// Starts the face test handler in `mode`; returns what it saw, its shutdown token and
+    /// the server.
+    async fn start_face(&self, mode: Mode) -> (Arc<Seen>, CancellationToken, StageServer) {
+        let seen = Arc::new(Seen::default());
+        let shutdown = CancellationToken::new();
+        let server = self
+            .start(
+                Face {
+                    mode,
+                    seen: seen.clone(),
+                },
+                &shutdown,
+            )
+            .await;
+        (seen, shutdown, server)
+    }
+
+    /// A new task with its face job published.
+    async fn face_task(&self) -> String {
+        let tid = self.task().await;
+        self.face_job(&tid).await;
+        tid
+    }
+
     async fn face_job(&self, tid: &str) {
         lipsync_runtime::publish_work(
             &self.js,
@@ -231,6 +255,18 @@ async fn metrics(server: &StageServer) -> String {
         .unwrap()
 }
 
+/// Asserts that the metrics `body` counts `n` job events `event` of `stage`.
+#[track_caller]
+fn assert_event(body: &str, event: &str, stage: &str, n: u64) {
+    let series = format!(r#"lipsync_job_events_total{{event="{event}",stage="{stage}"}} {n}"#);
+    assert!(body.contains(&series), "{body}");
+}
+
+async fn stop(shutdown: &CancellationToken, server: StageServer) {
+    shutdown.cancel();
+    server.wait().await.unwrap();
+}
+
 fn face_done(r: &lipsync_schemas::TaskRecord) -> bool {
     r.stage_done(Stage::Face)
 }
@@ -239,52 +275,26 @@ fn face_done(r: &lipsync_schemas::TaskRecord) -> bool {
 async fn a_panic_fails_only_that_attempt_and_the_worker_goes_on() {
     for mode in [Mode::PanicAsync, Mode::PanicBlocking] {
         let e = env(|_| {}).await;
-        let seen = Arc::new(Seen::default());
-        let shutdown = CancellationToken::new();
-        let server = e
-            .start(
-                Face {
-                    mode,
-                    seen: seen.clone(),
-                },
-                &shutdown,
-            )
-            .await;
-        let tid = e.task().await;
-        e.face_job(&tid).await;
+        let (seen, shutdown, server) = e.start_face(mode).await;
+        let tid = e.face_task().await;
         let rec = e.wait(&tid, face_done).await;
         assert_eq!(rec.stages["face"].attempts, 2, "retried once");
         assert_eq!(rec.status, Status::Processing);
         // The same worker serves the next task (whose first attempt panics too).
-        let next = e.task().await;
-        e.face_job(&next).await;
+        let next = e.face_task().await;
         let rec = e.wait(&next, face_done).await;
         assert_eq!(rec.stages["face"].attempts, 2);
         assert_eq!(seen.calls.load(Ordering::SeqCst), 4);
         let body = metrics(&server).await;
-        assert!(
-            body.contains(r#"lipsync_job_events_total{event="panicked",stage="face"} 2"#),
-            "{body}"
-        );
-        shutdown.cancel();
-        server.wait().await.unwrap();
+        assert_event(&body, "panicked", "face", 2);
+        stop(&shutdown, server).await;
     }
 }
 
 #[tokio::test]
 async fn undecodable_work_fails_its_task_typed() {
     let e = env(|_| {}).await;
-    let seen = Arc::new(Seen::default());
-    let shutdown = CancellationToken::new();
-    let server = e
-        .start(
-            Face {
-                mode: Mode::Long,
-                seen: seen.clone(),
-            },
-            &shutdown,
-        )
-        .await;
+    let (seen, shutdown, server) = e.start_face(Mode::Long).await;
     let tid = e.task().await;
     let body = serde_json::json!({"v": 99, "task_id": tid, "video": "x"});
     e.raw(Stage::Face, serde_json::to_vec(&body).unwrap()).await;
@@ -297,12 +307,8 @@ async fn undecodable_work_fails_its_task_typed() {
     assert_eq!(e.subject_count(Stage::Face).await, 0, "nothing left behind");
     assert_eq!(seen.calls.load(Ordering::SeqCst), 0);
     let body = metrics(&server).await;
-    assert!(
-        body.contains(r#"lipsync_job_events_total{event="undecodable",stage="face"} 2"#),
-        "{body}"
-    );
-    shutdown.cancel();
-    server.wait().await.unwrap();
+    assert_event(&body, "undecodable", "face", 2);
+    stop(&shutdown, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -364,16 +370,9 @@ async fn a_finished_stage_republishes_and_a_second_message_never_runs_twice() {
     assert_eq!(seen.calls.load(Ordering::SeqCst), 1);
     assert_eq!(e.subject_count(Stage::Face).await, 1);
     let body = metrics(&server).await;
-    assert!(
-        body.contains(r#"lipsync_job_events_total{event="duplicate",stage="fetch"} 1"#),
-        "{body}"
-    );
-    assert!(
-        body.contains(r#"lipsync_job_events_total{event="republished",stage="fetch"} 1"#),
-        "{body}"
-    );
-    shutdown.cancel();
-    server.wait().await.unwrap();
+    assert_event(&body, "duplicate", "fetch", 1);
+    assert_event(&body, "republished", "fetch", 1);
+    stop(&shutdown, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,19 +382,8 @@ async fn a_stalled_job_is_stopped_with_its_tool_and_retried() {
         c.runner.stall_timeout_s = 1.5;
     })
     .await;
-    let seen = Arc::new(Seen::default());
-    let shutdown = CancellationToken::new();
-    let server = e
-        .start(
-            Face {
-                mode: Mode::StallWithTool,
-                seen: seen.clone(),
-            },
-            &shutdown,
-        )
-        .await;
-    let tid = e.task().await;
-    e.face_job(&tid).await;
+    let (seen, shutdown, server) = e.start_face(Mode::StallWithTool).await;
+    let tid = e.face_task().await;
     let rec = e.wait(&tid, face_done).await;
     assert_eq!(rec.stages["face"].attempts, 2);
     // The tool was killed, not left to run its 60 s.
@@ -406,12 +394,8 @@ async fn a_stalled_job_is_stopped_with_its_tool_and_retried() {
         .unwrap_or(false);
     assert!(!alive, "tool process {pid} still runs");
     let body = metrics(&server).await;
-    assert!(
-        body.contains(r#"lipsync_job_events_total{event="stalled",stage="face"} 1"#),
-        "{body}"
-    );
-    shutdown.cancel();
-    server.wait().await.unwrap();
+    assert_event(&body, "stalled", "face", 1);
+    stop(&shutdown, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,17 +404,7 @@ async fn losing_nats_stops_the_job_and_readyz_follows_the_connection() {
         c.nats.ack_wait_s = 2;
     })
     .await;
-    let seen = Arc::new(Seen::default());
-    let shutdown = CancellationToken::new();
-    let server = e
-        .start(
-            Face {
-                mode: Mode::Long,
-                seen: seen.clone(),
-            },
-            &shutdown,
-        )
-        .await;
+    let (seen, shutdown, server) = e.start_face(Mode::Long).await;
     let ready = |addr: std::net::SocketAddr| async move {
         reqwest::get(format!("http://{addr}/readyz"))
             .await
@@ -438,8 +412,7 @@ async fn losing_nats_stops_the_job_and_readyz_follows_the_connection() {
             .unwrap_or(0)
     };
     assert_eq!(ready(server.ops_addr).await, 200);
-    let tid = e.task().await;
-    e.face_job(&tid).await;
+    let tid = e.face_task().await;
     e.wait(&tid, |r| r.stages.contains_key("face")).await;
     e.nats.kill();
     let addr = server.ops_addr;
@@ -462,8 +435,7 @@ async fn losing_nats_stops_the_job_and_readyz_follows_the_connection() {
     })
     .await
     .expect("readyz never recovered");
-    shutdown.cancel();
-    server.wait().await.unwrap();
+    stop(&shutdown, server).await;
 }
 
 /// Log lines captured as JSON.
@@ -505,12 +477,10 @@ async fn every_log_line_of_a_job_names_its_task_stage_and_attempt() {
     let e = env(|_| {}).await;
     let shutdown = CancellationToken::new();
     let server = e.start(Chatty, &shutdown).await;
-    let tid = e.task().await;
-    e.face_job(&tid).await;
+    let tid = e.face_task().await;
     e.wait(&tid, face_done).await;
     e.idle("face").await;
-    shutdown.cancel();
-    server.wait().await.unwrap();
+    stop(&shutdown, server).await;
 
     let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     let lines: Vec<serde_json::Value> = text
