@@ -11,10 +11,10 @@ mod gateway_common;
 
 use std::time::Duration;
 
-use gateway_common::Env;
+use gateway_common::{Env, try_json};
 use lipsync_client::{Cli, ClientError, EXIT_OK, EXIT_TASK_FAILED};
-use lipsync_runtime::{ArtifactStore, Change, NatsArtifacts};
-use lipsync_schemas::{ErrorCode, Stage, Status, TaskError, names};
+use lipsync_runtime::{ArtifactStore, NatsArtifacts};
+use lipsync_schemas::{ErrorCode, Stage, TaskError, names};
 use lipsync_tests::wait_for;
 use serde_json::Value;
 
@@ -211,17 +211,7 @@ async fn fake_pipeline(env: &Env, id: &str, result: &[u8]) {
         )
         .await
         .unwrap();
-    env.tasks
-        .update(id, |r| {
-            r.status = Status::Completed;
-            r.progress = 1.0;
-            r.message = "completed".into();
-            r.output_video_url = Some(format!("/outputs/{}/result.mp4", r.task_id));
-            r.end_time = Some(r.start_time + 1.0);
-            Change::Write
-        })
-        .await
-        .unwrap();
+    env.complete(id, 1.0).await;
 }
 
 #[tokio::test]
@@ -264,21 +254,7 @@ async fn submit_wait_follows_and_downloads_the_result_with_an_api_key() {
     })
     .await
     .unwrap();
-    wait_for(Duration::from_secs(10), || async {
-        let text = http
-            .get(env.url("/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.lines()
-            .any(|l| l == "lipsync_websocket_clients 1")
-            .then_some(())
-    })
-    .await
-    .expect("the CLI follows the task over the WebSocket");
+    ws_clients(&env, 1).await;
     let result: Vec<u8> = (0..150_000u32).map(|i| (i * 31 % 256) as u8).collect();
     fake_pipeline(&env, &id, &result).await;
     let (code, text) = tokio::time::timeout(Duration::from_secs(30), run)
@@ -369,6 +345,21 @@ async fn ws_clients(env: &Env, n: usize) {
     })
     .await
     .unwrap_or_else(|_| panic!("{n} WebSocket client(s) follow the tasks"));
+}
+
+/// Runs the CLI with `args` until it follows the task over a WebSocket, then interrupts it
+/// (Ctrl-C); returns the outcome and what it printed.
+async fn interrupted(env: &Env, args: &[&str]) -> (Result<i32, ClientError>, String) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(cli_interruptible(env.url(""), strings(args), async move {
+        let _ = rx.await;
+    }));
+    ws_clients(env, 1).await;
+    tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the CLI returns after the interrupt")
+        .unwrap()
 }
 
 #[tokio::test]
@@ -481,20 +472,7 @@ async fn timeout_interrupt_and_cancel_on_interrupt() {
     assert_eq!(res.unwrap(), lipsync_client::EXIT_TIMEOUT, "{out}");
 
     // Ctrl-C while waiting: detaches, prints the id, the task keeps going.
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(cli_interruptible(
-        env.url(""),
-        strings(&["status", &id, "--wait"]),
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    ws_clients(&env, 1).await;
-    tx.send(()).unwrap();
-    let (res, out) = tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("the CLI returns after the interrupt")
-        .unwrap();
+    let (res, out) = interrupted(&env, &["status", &id, "--wait"]).await;
     assert_eq!(res.unwrap(), lipsync_client::EXIT_INTERRUPTED, "{out}");
     assert!(out.contains(&format!("task {id} detached")), "{out}");
     let t = cli_json(&env, &["status", &id]).await;
@@ -502,20 +480,7 @@ async fn timeout_interrupt_and_cancel_on_interrupt() {
 
     // --cancel-on-interrupt: the task is cancelled.
     ws_clients(&env, 0).await;
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(cli_interruptible(
-        env.url(""),
-        strings(&["status", &id, "--wait", "--cancel-on-interrupt"]),
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    ws_clients(&env, 1).await;
-    tx.send(()).unwrap();
-    let (res, out) = tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("the CLI returns after the interrupt")
-        .unwrap();
+    let (res, out) = interrupted(&env, &["status", &id, "--wait", "--cancel-on-interrupt"]).await;
     assert_eq!(res.unwrap(), lipsync_client::EXIT_CANCELLED, "{out}");
     let t = cli_json(&env, &["status", &id]).await;
     assert_eq!(t["error"]["code"], "cancelled");
@@ -546,15 +511,7 @@ async fn batch_wait_saves_results_to_out_dir_and_reports_the_worst_outcome() {
     ]);
     let run = tokio::spawn(cli_interruptible(env.url(""), args, std::future::pending()));
     let ids = wait_for(Duration::from_secs(10), || async {
-        let q: Value = env
-            .http
-            .get(env.url("/queue"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let q = try_json(&env.http, env.url("/queue")).await?;
         let ids: Vec<String> = q["queued_tasks"]
             .as_array()?
             .iter()

@@ -6,24 +6,10 @@ mod gateway_common;
 use std::time::Duration;
 
 use gateway_common::{Env, error_code, valid_body};
-use lipsync_runtime::{ArtifactStore, Change, NatsArtifacts};
-use lipsync_schemas::{Status, names};
+use lipsync_runtime::{ArtifactStore, NatsArtifacts};
+use lipsync_schemas::names;
 use lipsync_tests::wait_for;
 use serde_json::{Value, json};
-
-async fn complete(env: &Env, id: &str) {
-    env.tasks
-        .update(id, |r| {
-            r.status = Status::Completed;
-            r.progress = 1.0;
-            r.message = "completed".into();
-            r.output_video_url = Some(format!("/outputs/{}/result.mp4", r.task_id));
-            r.end_time = Some(r.start_time + 1.0);
-            Change::Write
-        })
-        .await
-        .unwrap();
-}
 
 #[tokio::test]
 async fn submit_queue_positions_get_and_cancel() {
@@ -97,7 +83,7 @@ async fn submit_queue_positions_get_and_cancel() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    complete(&env, &ids[0]).await;
+    env.complete(&ids[0], 1.0).await;
     let r = env
         .http
         .delete(env.url(&format!("/task/{}", ids[0])))
@@ -359,7 +345,7 @@ async fn outputs_stream_with_range_etag_and_only_listed_files() {
         .await
         .unwrap();
     assert_eq!(error_code(r, 404).await, "not_found");
-    complete(&env, &id).await;
+    env.complete(&id, 1.0).await;
     let url = env.url(&format!("/outputs/{id}/result.mp4"));
     let full = wait_for(Duration::from_secs(5), || async {
         let r = env.http.get(&url).send().await.ok()?;
@@ -542,15 +528,7 @@ async fn health_metrics_and_docs() {
     assert_eq!(r.status(), 200);
     assert!(r.bytes().await.unwrap().len() > 500_000);
 
-    let text = env
-        .http
-        .get(env.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = env.metrics().await;
     for needle in [
         "lipsync_http_requests_total{code=\"200\",method=\"POST\",route=\"/sync\"} 1",
         "lipsync_http_request_duration_seconds_bucket",

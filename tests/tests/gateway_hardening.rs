@@ -126,15 +126,7 @@ async fn random_methods_leave_metrics_bounded() {
     for t in tasks {
         t.await.unwrap();
     }
-    let text = env
-        .http
-        .get(env.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = env.metrics().await;
     let series: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("lipsync_http_requests_total{"))

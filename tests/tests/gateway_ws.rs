@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use gateway_common::{Env, Gw, error_code, valid_body};
-use lipsync_runtime::{ArtifactStore, Change, NatsArtifacts};
-use lipsync_schemas::{FetchJob, InputSource, Stage, Status, names};
+use gateway_common::{Env, Gw, error_code, try_json, valid_body};
+use lipsync_runtime::{ArtifactStore, NatsArtifacts};
+use lipsync_schemas::{FetchJob, InputSource, Stage, names};
 use lipsync_tests::wait_for;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -46,17 +46,7 @@ async fn drive_to_completion(env: &Env, id: &str) {
         .mark_started(id, Stage::Infer, 1, 0)
         .await
         .unwrap();
-    env.tasks
-        .update(id, |r| {
-            r.status = Status::Completed;
-            r.progress = 1.0;
-            r.message = "completed".into();
-            r.output_video_url = Some(format!("/outputs/{}/result.mp4", r.task_id));
-            r.end_time = Some(r.start_time + 2.0);
-            Change::Write
-        })
-        .await
-        .unwrap();
+    env.complete(id, 2.0).await;
 }
 
 #[tokio::test]
@@ -128,15 +118,7 @@ async fn all_tasks_ws_streams_progress_events() {
     let ev = next_json(&mut ws).await.unwrap();
     assert_eq!(ev["status"], "failed");
     assert_eq!(ev["error_code"], "cancelled");
-    let text = env
-        .http
-        .get(env.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = env.metrics().await;
     assert!(text.contains("lipsync_websocket_clients 1"), "{text}");
     ws.send(Message::Close(None)).await.unwrap();
     env.stop().await;
@@ -170,15 +152,7 @@ async fn two_gateways_see_every_update_and_a_restart_loses_nothing() {
     }
     assert_eq!(last["status"], "completed");
     wait_for(Duration::from_secs(5), || async {
-        let q: Value = env
-            .http
-            .get(gw2.url("/queue"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let q = try_json(&env.http, gw2.url("/queue")).await?;
         (q["queue_length"] == 1 && q["queued_tasks"][0]["task_id"] == id2.as_str()).then_some(())
     })
     .await

@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use lipsync_gateway::Gateway;
-use lipsync_runtime::Config;
 use lipsync_runtime::tasks::TaskStore;
+use lipsync_runtime::{Change, Config};
+use lipsync_schemas::Status;
 use lipsync_tests::{NatsServer, topology, wait_for};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -125,9 +126,41 @@ impl Env {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// The gateway's Prometheus text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Marks `id` completed with its result under `/outputs`, ended `secs` after it started.
+    pub async fn complete(&self, id: &str, secs: f64) {
+        self.tasks
+            .update(id, |r| {
+                r.status = Status::Completed;
+                r.progress = 1.0;
+                r.message = "completed".into();
+                r.output_video_url = Some(format!("/outputs/{}/result.mp4", r.task_id));
+                r.end_time = Some(r.start_time + secs);
+                Change::Write
+            })
+            .await
+            .unwrap();
+    }
+
     pub async fn stop(self) {
         self.gw.stop().await;
     }
+}
+
+/// GET `url` as JSON; `None` while it fails (for polling).
+pub async fn try_json(http: &reqwest::Client, url: String) -> Option<Value> {
+    http.get(url).send().await.ok()?.json().await.ok()
 }
 
 pub fn valid_body() -> Value {
