@@ -254,6 +254,40 @@ impl TaskView {
     }
 }
 
+/// A message of `GET /ws`: one task changed.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProgressEventView {
+    /// The task.
+    pub task_id: String,
+    /// Status after the change.
+    #[schema(schema_with = status_schema)]
+    pub status: String,
+    /// Stage after the change.
+    #[schema(schema_with = stage_schema)]
+    pub stage: Option<String>,
+    /// Progress after the change, 0.0-1.0.
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub progress: f64,
+    /// Human-readable state.
+    pub message: String,
+    /// The error code once the task failed.
+    #[schema(schema_with = nullable_task_error_code_schema)]
+    pub error_code: Option<String>,
+}
+
+impl From<&TaskRecord> for ProgressEventView {
+    fn from(r: &TaskRecord) -> Self {
+        Self {
+            task_id: r.task_id.clone(),
+            status: r.status.as_str().to_owned(),
+            stage: r.stage.map(|s| s.as_str().to_owned()),
+            progress: r.progress,
+            message: r.message.clone(),
+            error_code: r.error.as_ref().map(|e| e.code.as_str().to_owned()),
+        }
+    }
+}
+
 /// One waiting task in `GET /queue`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct QueuedTask {
@@ -339,10 +373,17 @@ fn stage_schema() -> RefOr<Schema> {
     enum_schema(&names, true)
 }
 
-fn task_error_code_schema() -> RefOr<Schema> {
-    let names: Vec<&str> = lipsync_schemas::ErrorCode::ALL
+fn task_error_code_names() -> Vec<&'static str> {
+    lipsync_schemas::ErrorCode::ALL
         .iter()
         .map(|c| c.as_str())
-        .collect();
-    enum_schema(&names, false)
+        .collect()
+}
+
+fn task_error_code_schema() -> RefOr<Schema> {
+    enum_schema(&task_error_code_names(), false)
+}
+
+fn nullable_task_error_code_schema() -> RefOr<Schema> {
+    enum_schema(&task_error_code_names(), true)
 }

@@ -57,6 +57,8 @@ Webhooks: `webhook_url` receives a POST of the final task record with headers \
         crate::tasks::list_tasks,
         crate::tasks::get_task,
         crate::tasks::cancel_task,
+        crate::ws::task_ws,
+        crate::ws::all_ws,
         crate::tasks::queue,
         crate::outputs::output,
         crate::outputs::result_alias,
@@ -65,7 +67,13 @@ Webhooks: `webhook_url` receives a POST of the final task record with headers \
         crate::health::readyz,
         metrics_doc,
     ),
-    components(schemas(crate::error::ErrorBody, crate::error::ErrorDetail, crate::error::ApiErrorCode)),
+    components(schemas(
+        crate::error::ErrorBody,
+        crate::error::ErrorDetail,
+        crate::error::ApiErrorCode,
+        crate::api::TaskView,
+        crate::api::ProgressEventView,
+    )),
     modifiers(&BearerAuth),
     tags(
         (name = "tasks", description = "Submit, follow, cancel"),
@@ -95,7 +103,7 @@ impl utoipa::Modify for BearerAuth {
 }
 
 /// `GET /metrics` (documentation only; the handler lives in `metrics`).
-#[utoipa::path(get, path = "/metrics", tag = "operations",
+#[utoipa::path(get, path = "/metrics", tag = "operations", operation_id = "get_metrics",
     responses(
         (status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
         (status = 401, description = "Missing or wrong API key (with `gateway.metrics_require_admin`)", body = crate::error::ErrorBody),
@@ -113,9 +121,11 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// The document as served: [`openapi`] narrowed to this server's configuration (the
 /// configured model names; `webhook_url` only when a webhook secret is set), so that
-/// every request the schema allows is one the server accepts.
+/// every request the schema allows is one the server accepts, with an example for every
+/// request and response (`crate::examples`), the WebSocket messages and the webhook.
 pub fn openapi_for(gw: &GatewayConfig) -> Value {
     let mut doc = serde_json::to_value(openapi()).unwrap_or(Value::Null);
+    crate::examples::add(&mut doc, gw);
     let mut models: Vec<Value> = gw.models.iter().map(|m| json!(m)).collect();
     models.push(Value::Null);
     let url = json!({

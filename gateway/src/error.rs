@@ -232,24 +232,29 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = self.status_code();
-        let message = match &self {
+impl ApiError {
+    /// The body the client gets (5xx causes stay out of it).
+    pub fn body(&self) -> ErrorBody {
+        let message = match self {
             ApiError::PayloadTooLarge { limit: 0 } => "request body too large".to_owned(),
-            ApiError::Unavailable(cause) | ApiError::Internal(cause) => {
-                tracing::error!(code = ?self.code(), cause = %cause, "request failed");
-                self.to_string()
-            }
             other => other.to_string(),
         };
-        let body = ErrorBody {
+        ErrorBody {
             error: ErrorDetail {
                 code: self.code(),
                 message,
             },
-        };
-        let mut resp = (status, axum::Json(body)).into_response();
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status_code();
+        if let ApiError::Unavailable(cause) | ApiError::Internal(cause) = &self {
+            tracing::error!(code = ?self.code(), cause = %cause, "request failed");
+        }
+        let mut resp = (status, axum::Json(self.body())).into_response();
         let retry_after = match &self {
             ApiError::RateLimited { retry_after_s }
             | ApiError::QueueFull { retry_after_s }

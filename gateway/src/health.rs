@@ -56,7 +56,7 @@ impl StageLiveness {
 }
 
 /// `GET /health` (the public implementation's liveness answer).
-#[utoipa::path(get, path = "/health", tag = "operations",
+#[utoipa::path(get, path = "/health", tag = "operations", operation_id = "get_health",
     responses((status = 200, description = "Alive", body = HealthResponse)))]
 pub(crate) async fn health() -> Json<HealthResponse> {
     Json(HealthResponse {
@@ -65,14 +65,14 @@ pub(crate) async fn health() -> Json<HealthResponse> {
 }
 
 /// `GET /healthz`: the process is alive.
-#[utoipa::path(get, path = "/healthz", tag = "operations",
+#[utoipa::path(get, path = "/healthz", tag = "operations", operation_id = "get_liveness",
     responses((status = 200, description = "Alive", body = HealthResponse)))]
 pub(crate) async fn healthz() -> Json<HealthResponse> {
     health().await
 }
 
 /// `GET /readyz`: NATS connected, the task index loaded, and the stages' consumers.
-#[utoipa::path(get, path = "/readyz", tag = "operations",
+#[utoipa::path(get, path = "/readyz", tag = "operations", operation_id = "get_readiness",
     responses(
         (status = 200, description = "Ready (stages reported)", body = ReadyResponse),
         (status = 503, description = "Not ready", body = ReadyResponse),

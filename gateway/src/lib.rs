@@ -27,6 +27,7 @@ pub mod api;
 mod auth;
 mod docs;
 pub mod error;
+mod examples;
 mod health;
 pub mod index;
 mod metrics;

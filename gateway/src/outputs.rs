@@ -65,6 +65,7 @@ pub(crate) fn parse_range(value: &str, size: u64) -> std::result::Result<Option<
 #[utoipa::path(
     get,
     path = "/outputs/{task_id}/{file}",
+    operation_id = "get_output",
     tag = "outputs",
     params(
         ("task_id" = String, Path, description = "Task id"),
@@ -96,6 +97,7 @@ pub(crate) async fn output(
 #[utoipa::path(
     get,
     path = "/results/{task_id}/output.mp4",
+    operation_id = "get_result_legacy",
     tag = "outputs",
     params(("task_id" = String, Path, description = "Task id")),
     responses(

@@ -17,6 +17,7 @@ use crate::error::{ApiError, ErrorBody, Result};
 #[utoipa::path(
     get,
     path = "/task/{task_id}",
+    operation_id = "get_task",
     tag = "tasks",
     params(("task_id" = String, Path, description = "Task id")),
     responses(
@@ -41,6 +42,7 @@ pub(crate) async fn get_task(
 #[utoipa::path(
     delete,
     path = "/task/{task_id}",
+    operation_id = "cancel_task",
     tag = "tasks",
     params(("task_id" = String, Path, description = "Task id")),
     responses(
@@ -92,6 +94,7 @@ pub(crate) async fn cancel_task(
 #[utoipa::path(
     get,
     path = "/queue",
+    operation_id = "get_queue",
     tag = "tasks",
     responses(
         (status = 200, description = "Tasks not yet on the GPU, in submission order; other tenants' tasks with their position only", body = QueueResponse),
@@ -143,6 +146,7 @@ pub(crate) struct ListQuery {
 #[utoipa::path(
     get,
     path = "/tasks",
+    operation_id = "list_tasks",
     tag = "tasks",
     params(ListQuery),
     responses(

@@ -1,6 +1,6 @@
 //! WebSockets. `GET /task/{task_id}/ws` sends the current record (`TaskView` JSON) at
 //! once, then every change in order, and closes (code 1000) after a terminal state.
-//! `GET /ws` sends a `ProgressEvent` for every change of every task.
+//! `GET /ws` sends a `ProgressEventView` for every change of every task.
 //!
 //! Both read the process's one task watch through a broadcast channel. A socket that falls
 //! behind the channel is resynced (the task's record is read from KV; `/ws` gets a snapshot
@@ -23,12 +23,14 @@ use axum::Extension;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::response::Response;
-use lipsync_schemas::{ProgressEvent, TaskRecord};
+use lipsync_schemas::TaskRecord;
+
+use crate::api::ProgressEventView;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::error::{ApiError, Result};
+use crate::error::{ApiError, ErrorBody, Result};
 
 /// Open sockets, in total and per caller.
 #[derive(Default)]
@@ -182,6 +184,26 @@ async fn dead_peer(socket: WebSocket) {
 }
 
 /// `GET /task/{task_id}/ws`.
+#[utoipa::path(
+    get,
+    path = "/task/{task_id}/ws",
+    operation_id = "watch_task",
+    tag = "tasks",
+    params(
+        ("task_id" = String, Path, description = "Task id"),
+        ("access_token" = Option<String>, Query, description = "API key, for clients that cannot set headers on a WebSocket"),
+    ),
+    responses(
+        (status = 101, description = "WebSocket: text messages, each a `TaskView` (the record at once, then every change); closes 1000 after `completed`/`failed`, 1009 on a client message over `gateway.ws_max_message_bytes`"),
+        (status = 400, description = "Not a WebSocket upgrade request", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 403, description = "Cross-origin WebSocket refused", body = ErrorBody),
+        (status = 404, description = "Unknown or malformed id, or another tenant's task", body = ErrorBody),
+        (status = 429, description = "Too many sockets for this key (`gateway.ws_max_per_key`)", body = ErrorBody),
+        (status = 503, description = "Too many sockets in all (`gateway.ws_max_total`) or backend unavailable", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
 pub(crate) async fn task_ws(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -257,6 +279,24 @@ async fn follow_task(state: AppState, task_id: String, mut socket: WebSocket, _s
 }
 
 /// `GET /ws`: progress events of all tasks (admins, open service) or of the caller's own.
+#[utoipa::path(
+    get,
+    path = "/ws",
+    operation_id = "watch_all_tasks",
+    tag = "tasks",
+    params(
+        ("access_token" = Option<String>, Query, description = "API key, for clients that cannot set headers on a WebSocket"),
+    ),
+    responses(
+        (status = 101, description = "WebSocket: text messages, each a `ProgressEventView`, for every change of every task the key may see"),
+        (status = 400, description = "Not a WebSocket upgrade request", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 403, description = "Cross-origin WebSocket refused", body = ErrorBody),
+        (status = 429, description = "Too many sockets for this key (`gateway.ws_max_per_key`)", body = ErrorBody),
+        (status = 503, description = "Too many sockets in all (`gateway.ws_max_total`)", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
 pub(crate) async fn all_ws(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -272,7 +312,7 @@ async fn follow_all(state: AppState, caller: Caller, mut socket: WebSocket, _slo
     let mut changes_rx = state.index.subscribe();
     let visible = |r: &TaskRecord| caller.may_access(r);
     loop {
-        let events: Vec<ProgressEvent> = tokio::select! {
+        let events: Vec<ProgressEventView> = tokio::select! {
             _ = state.shutdown.cancelled() => return close(socket, "server shutting down").await,
             _ = pinger.interval.tick() => {
                 if !pinger.tick(&mut socket).await {
@@ -293,14 +333,14 @@ async fn follow_all(state: AppState, caller: Caller, mut socket: WebSocket, _slo
                     .record
                     .iter()
                     .filter(|r| visible(r))
-                    .map(|r| ProgressEvent::from(r.as_ref()))
+                    .map(|r| ProgressEventView::from(r.as_ref()))
                     .collect(),
                 Err(RecvError::Lagged(_)) => state
                     .index
                     .active()
                     .iter()
                     .filter(|r| visible(r))
-                    .map(|r| ProgressEvent::from(r.as_ref()))
+                    .map(|r| ProgressEventView::from(r.as_ref()))
                     .collect(),
                 Err(RecvError::Closed) => return close(socket, "server shutting down").await,
             },

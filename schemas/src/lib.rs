@@ -9,7 +9,7 @@ mod work;
 
 pub use error::{ErrorCode, TaskError};
 pub use task::{
-    InputSource, JoinState, MediaSummary, NextWork, ProgressEvent, StageDone, StageTiming, Status,
+    InputSource, JoinState, MediaSummary, NextWork, StageDone, StageTiming, Status,
     TASK_RECORD_VERSION, TaskRecord, TaskRequest,
 };
 pub use track::{FACE_TRACK_VERSION, FaceFrame, FaceTrack};

@@ -300,34 +300,3 @@ impl TaskRecord {
                 .is_some_and(|t| t.finished_at.is_none())
     }
 }
-
-/// A compact change notice for operations dashboards (`GET /ws`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProgressEvent {
-    /// Task the event is about.
-    pub task_id: String,
-    /// Status after the change.
-    pub status: Status,
-    /// Stage after the change.
-    pub stage: Option<Stage>,
-    /// Progress after the change.
-    pub progress: f64,
-    /// Message after the change.
-    pub message: String,
-    /// Error code if failed.
-    #[serde(default)]
-    pub error_code: Option<crate::ErrorCode>,
-}
-
-impl From<&TaskRecord> for ProgressEvent {
-    fn from(r: &TaskRecord) -> Self {
-        Self {
-            task_id: r.task_id.clone(),
-            status: r.status,
-            stage: r.stage,
-            progress: r.progress,
-            message: r.message.clone(),
-            error_code: r.error.as_ref().map(|e| e.code),
-        }
-    }
-}

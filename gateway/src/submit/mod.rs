@@ -36,6 +36,7 @@ const QUOTA_RETRY_S: u64 = 10;
 #[utoipa::path(
     post,
     path = "/sync",
+    operation_id = "submit_sync",
     tag = "tasks",
     request_body(
         content(
@@ -59,6 +60,7 @@ const QUOTA_RETRY_S: u64 = 10;
         (status = 422, description = "Invalid field", body = crate::error::ErrorBody),
         (status = 429, description = "Rate limited or tenant quota exhausted (see Retry-After)", body = crate::error::ErrorBody),
         (status = 503, description = "Work queue full or backend unavailable", body = crate::error::ErrorBody),
+        (status = 507, description = "The media store is full (`artifacts.max_bytes`); see Retry-After", body = crate::error::ErrorBody),
     ),
     security((), ("bearer" = []))
 )]
