@@ -32,6 +32,58 @@ fn ffmpeg(dir: &Path, args: &[&str], out: &str) -> PathBuf {
     path
 }
 
+/// `secs` seconds of the lavfi `source` encoded with x264 (ultrafast), then `extra`.
+fn x264(dir: &Path, source: &str, secs: &str, extra: &[&str], out: &str) -> PathBuf {
+    let mut args = vec![
+        "-f",
+        "lavfi",
+        "-i",
+        source,
+        "-t",
+        secs,
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+    ];
+    args.extend_from_slice(extra);
+    ffmpeg(dir, &args, out)
+}
+
+/// The lavfi `sine` source as an MP3 of `channels` channels at `bitrate`, without a Xing
+/// header or ID3 tag.
+fn mp3(dir: &Path, sine: &str, channels: &str, bitrate: &str, out: &str) -> PathBuf {
+    ffmpeg(
+        dir,
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            sine,
+            "-ac",
+            channels,
+            "-c:a",
+            "libmp3lame",
+            "-b:a",
+            bitrate,
+            "-write_xing",
+            "0",
+            "-id3v2_version",
+            "0",
+        ],
+        out,
+    )
+}
+
+/// `a`'s bytes followed by `b`'s, written to `out` in `dir`.
+fn joined(dir: &Path, a: &Path, b: &Path, out: &str) -> PathBuf {
+    let mut bytes = std::fs::read(a).unwrap();
+    bytes.extend(std::fs::read(b).unwrap());
+    let path = dir.join(out);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
 fn tools(max_duration_s: f64) -> MediaTools {
     MediaTools {
         max_duration_s,
@@ -56,51 +108,15 @@ fn assert_no_path(msg: &str, dir: &Path) {
 /// The MP3: 2 s at 320 kb/s, then 60 s at 8 kb/s; ffprobe estimates the length from the
 /// first frames' bit rate.
 fn lying_mp3(dir: &Path) -> PathBuf {
-    let a = ffmpeg(
+    let a = mp3(
         dir,
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=f=440:d=2:sample_rate=44100",
-            "-ac",
-            "2",
-            "-c:a",
-            "libmp3lame",
-            "-b:a",
-            "320k",
-            "-write_xing",
-            "0",
-            "-id3v2_version",
-            "0",
-        ],
+        "sine=f=440:d=2:sample_rate=44100",
+        "2",
+        "320k",
         "a.mp3",
     );
-    let b = ffmpeg(
-        dir,
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=f=300:d=60:sample_rate=8000",
-            "-ac",
-            "1",
-            "-c:a",
-            "libmp3lame",
-            "-b:a",
-            "8k",
-            "-write_xing",
-            "0",
-            "-id3v2_version",
-            "0",
-        ],
-        "b.mp3",
-    );
-    let mut bytes = std::fs::read(a).unwrap();
-    bytes.extend(std::fs::read(b).unwrap());
-    let out = dir.join("lying.mp3");
-    std::fs::write(&out, bytes).unwrap();
-    out
+    let b = mp3(dir, "sine=f=300:d=60:sample_rate=8000", "1", "8k", "b.mp3");
+    joined(dir, &a, &b, "lying.mp3")
 }
 
 #[tokio::test]
@@ -129,20 +145,11 @@ async fn an_mp3_that_decodes_past_the_cap_is_input_too_long() {
 #[tokio::test]
 async fn a_matroska_file_that_declares_less_than_it_holds_is_input_too_long() {
     let dir = tempfile::tempdir().unwrap();
-    let real = ffmpeg(
+    let real = x264(
         dir.path(),
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=160x120:rate=25",
-            "-t",
-            "30",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-        ],
+        "testsrc2=size=160x120:rate=25",
+        "30",
+        &[],
         "real.mkv",
     );
     // Rewrite the Segment Info duration (EBML id 0x4489, 8-byte float, milliseconds).
@@ -306,22 +313,11 @@ fn cover_art_first_mp4_decodes_the_real_video() {
         ],
         "cover.png",
     );
-    let video = ffmpeg(
+    let video = x264(
         dir.path(),
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=192x108:rate=25",
-            "-t",
-            "2",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-pix_fmt",
-            "yuv420p",
-        ],
+        "testsrc2=size=192x108:rate=25",
+        "2",
+        &["-pix_fmt", "yuv420p"],
         "video.mp4",
     );
     let with_cover = ffmpeg(
@@ -387,48 +383,21 @@ fn cover_art_first_mp4_decodes_the_real_video() {
 #[test]
 fn a_resolution_change_mid_stream_is_scaled_to_the_validated_size() {
     let dir = tempfile::tempdir().unwrap();
-    let a = ffmpeg(
+    let a = x264(
         dir.path(),
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=320x240:rate=25",
-            "-t",
-            "1",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-pix_fmt",
-            "yuv420p",
-        ],
+        "testsrc=size=320x240:rate=25",
+        "1",
+        &["-pix_fmt", "yuv420p"],
         "a.ts",
     );
-    let b = ffmpeg(
+    let b = x264(
         dir.path(),
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=640x480:rate=25",
-            "-t",
-            "1",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-pix_fmt",
-            "yuv420p",
-            "-output_ts_offset",
-            "1",
-        ],
+        "testsrc=size=640x480:rate=25",
+        "1",
+        &["-pix_fmt", "yuv420p", "-output_ts_offset", "1"],
         "b.ts",
     );
-    let mut bytes = std::fs::read(a).unwrap();
-    bytes.extend(std::fs::read(b).unwrap());
-    let ab = dir.path().join("ab.ts");
-    std::fs::write(&ab, bytes).unwrap();
+    let ab = joined(dir.path(), &a, &b, "ab.ts");
     let mut r = FrameReader::open(&ab).unwrap();
     assert_eq!((r.geometry.width, r.geometry.height), (320, 240));
     let mut buf = Vec::new();
