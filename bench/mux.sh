@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . ./.local/env.sh
+. bench/lib.sh
 cargo build --release -q -p lipsync-mux
 bin=target/release/lipsync-mux
 work="$(mktemp -d)"
@@ -26,19 +27,7 @@ make_inputs() {
         "$work/$name.wav"
     ffmpeg -nostdin -v error -y -f lavfi -i "color=c=0xDC1E1E:s=512x512:r=25" -frames:v "$out" \
         -c:v ffv1 -pix_fmt bgr0 "$work/$name-crops.mkv"
-    python3 - "$w" "$h" "$((s * 25))" >"$work/$name.json" <<'PY'
-import json, sys
-w, h, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-cw, ch = 420, 560                 # latentsync-1.6 crop box
-s = 0.5 * h / ch                  # the face box is half the frame high
-tx, ty = (w - cw * s) / 2, (h - ch * s) / 2
-a = [[1 / s, 0.0, -tx / s], [0.0, 1 / s, -ty / s]]
-f = {"present": True, "score": 0.9, "bbox": [tx, ty, tx + cw * s, ty + ch * s],
-     "landmarks": [], "affine": a, "interpolated": False}
-print(json.dumps({"v": 1, "fps": 25.0, "width": w, "height": h, "frame_count": n,
-                  "crop_w": cw, "crop_h": ch, "resolution": 512, "detector": "bench",
-                  "frames": [f] * n}))
-PY
+    face_track "$w" "$h" "$((s * 25))" >"$work/$name.json"
 }
 
 # run_mux NAME FRAMES MODE -> prints "seconds own_peak_kb tree_peak_kb": the mux process's

@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . ./.local/env.sh
+. bench/lib.sh
 cargo build --release -q -p lipsync-mux
 bin=target/release/lipsync-mux
 work="$(mktemp -d)"
@@ -27,19 +28,7 @@ ffmpeg -nostdin -v error -y -f lavfi -i "sine=frequency=300:duration=$as:sample_
     "$work/a.wav"
 ffmpeg -nostdin -v error -y -f lavfi -i "color=c=0xDC1E1E:s=512x512:r=25" -frames:v "$frames" \
     -c:v ffv1 -pix_fmt bgr0 "$work/crops.mkv"
-python3 - "$w" "$h" "$((vs * 25))" >"$work/track.json" <<'PY'
-import json, sys
-w, h, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-cw, ch = 420, 560
-s = 0.5 * h / ch
-tx, ty = (w - cw * s) / 2, (h - ch * s) / 2
-a = [[1 / s, 0.0, -tx / s], [0.0, 1 / s, -ty / s]]
-f = {"present": True, "score": 0.9, "bbox": [tx, ty, tx + cw * s, ty + ch * s],
-     "landmarks": [], "affine": a, "interpolated": False}
-print(json.dumps({"v": 1, "fps": 25.0, "width": w, "height": h, "frame_count": n,
-                  "crop_w": cw, "crop_h": ch, "resolution": 512, "detector": "bench",
-                  "frames": [f] * n}))
-PY
+face_track "$w" "$h" "$((vs * 25))" >"$work/track.json"
 out=$(LIPSYNC_LOG__FILTER=error "$bin" render --video "$work/v.mp4" --track "$work/track.json" \
     --crops "$work/crops.mkv" --audio "$work/a.wav" --frames "$frames" --mode pingpong \
     --out "$work/result.mp4" --mask "$work/mask.mp4")
