@@ -75,6 +75,28 @@ impl IdleIo {
             self.timer.as_mut().reset(due);
         }
     }
+
+    /// A write's outcome `res`: progress counts as activity; a pending write fails once
+    /// the connection has been idle for too long.
+    fn written(
+        &mut self,
+        cx: &mut Context<'_>,
+        res: Poll<std::io::Result<usize>>,
+    ) -> Poll<std::io::Result<usize>> {
+        match res {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.last = Instant::now();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => match self.poll_idle(cx) {
+                Poll::Ready(e) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
 }
 
 impl AsyncRead for IdleIo {
@@ -105,19 +127,8 @@ impl AsyncWrite for IdleIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write(cx, buf) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    self.last = Instant::now();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => match self.poll_idle(cx) {
-                Poll::Ready(e) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
-            },
-        }
+        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.written(cx, res)
     }
 
     fn poll_write_vectored(
@@ -125,19 +136,8 @@ impl AsyncWrite for IdleIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    self.last = Instant::now();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => match self.poll_idle(cx) {
-                Poll::Ready(e) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
-            },
-        }
+        let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.written(cx, res)
     }
 
     fn is_write_vectored(&self) -> bool {
