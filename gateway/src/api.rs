@@ -122,6 +122,11 @@ pub struct StageTimingView {
     pub finished_at: Option<f64>,
     /// Delivery attempts the stage needed (more than 1 after a crash or a retry).
     pub attempts: u32,
+    /// Execution provider it ran on (`cuda:0`, `cpu`); set by the stages that run models
+    /// on an accelerator (infer), null for the others.
+    #[serde(default)]
+    #[schema(nullable)]
+    pub provider: Option<String>,
 }
 
 /// The accepted request parameters of a task.
@@ -246,6 +251,7 @@ impl TaskView {
                             started_at: t.started_at,
                             finished_at: t.finished_at,
                             attempts: t.attempts,
+                            provider: t.provider.clone(),
                         },
                     )
                 })

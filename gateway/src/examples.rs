@@ -64,7 +64,13 @@ impl Samples {
         for (s, a, b) in [("fetch", 1.0, 2.0), ("face", 2.0, 9.0), ("audio", 2.0, 3.0)] {
             processing.stages.insert(s.into(), timing(a, Some(b)));
         }
-        processing.stages.insert("infer".into(), timing(9.0, None));
+        let on_gpu = |mut t: StageTiming| {
+            t.provider = Some("cuda:0".into());
+            t
+        };
+        processing
+            .stages
+            .insert("infer".into(), on_gpu(timing(9.0, None)));
         let mut completed = processing.clone();
         completed.status = Status::Completed;
         completed.stage = Some(Stage::Mux);
@@ -76,7 +82,7 @@ impl Samples {
         completed.output_mask_url = Some(format!("/outputs/{TASK_ID}/mask.mp4"));
         completed
             .stages
-            .insert("infer".into(), timing(9.0, Some(58.0)));
+            .insert("infer".into(), on_gpu(timing(9.0, Some(58.0))));
         completed
             .stages
             .insert("mux".into(), timing(58.0, Some(65.0)));

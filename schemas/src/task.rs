@@ -83,6 +83,9 @@ pub struct StageTiming {
     /// Delivery attempts the stage needed.
     #[serde(default)]
     pub attempts: u32,
+    /// Execution provider of the process that ran it (`cuda:0`, `cpu`; infer only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
     /// Stream sequence of the work message that owns this stage's run; a second message
     /// for the same stage (a re-publish after the duplicate window) is recognised by it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

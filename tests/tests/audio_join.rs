@@ -78,6 +78,7 @@ fn spec(name: &'static str, concurrency: usize) -> StageSpec {
         name,
         listen: "127.0.0.1:0".parse().unwrap(),
         concurrency,
+        device: None,
     }
 }
 

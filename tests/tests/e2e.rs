@@ -51,6 +51,19 @@ async fn one_task_completes_and_changes_only_the_face() {
     assert!(after(face.0, fetch) && after(audio.0, fetch), "{rec}");
     assert!(after(infer.0, face) && after(infer.0, audio), "{rec}");
     assert!(after(mux.0, infer), "{rec}");
+    // The stage that runs the diffusion model says what it ran on, in the record and in
+    // its /readyz; the others record none.
+    assert_eq!(rec["stages"]["infer"]["provider"], "cpu", "{rec}");
+    assert_eq!(rec["stages"]["fetch"]["provider"], serde_json::Value::Null);
+    let ready: serde_json::Value = reqwest::get(format!("{}/readyz", p.ops("infer")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["device"]["provider"], "cpu", "{ready}");
+    assert_eq!(ready["device"]["profile"], "tiny", "{ready}");
+    assert_eq!(ready["device"]["real_weights"], false, "{ready}");
 
     let dir = tempfile::tempdir().unwrap();
     let result = dir.path().join("result.mp4");

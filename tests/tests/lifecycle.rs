@@ -143,6 +143,7 @@ impl Env {
                 name: "test-stage",
                 listen: "127.0.0.1:0".parse().unwrap(),
                 concurrency: 2,
+                device: None,
             },
             handler,
             shutdown.clone(),

@@ -306,6 +306,7 @@ impl Harness {
                 name: "test-face",
                 listen: "127.0.0.1:0".parse().unwrap(),
                 concurrency,
+                device: None,
             },
             TestHandler {
                 calls: self.calls.clone(),

@@ -60,6 +60,7 @@ pub async fn start(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<
             name: "lipsync-audio",
             listen: cfg.audio.listen,
             concurrency: cfg.audio.concurrency,
+            device: None,
         },
         handler,
         shutdown,

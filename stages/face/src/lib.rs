@@ -45,6 +45,7 @@ pub async fn start(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<
             name: "lipsync-face",
             listen: cfg.face.listen,
             concurrency: cfg.face.concurrency,
+            device: None,
         },
         stage,
         shutdown,

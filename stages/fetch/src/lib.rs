@@ -28,6 +28,7 @@ pub async fn start(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<
             name: "lipsync-fetch",
             listen: cfg.fetch.listen,
             concurrency: cfg.fetch.concurrency,
+            device: None,
         },
         stage,
         shutdown,

@@ -159,6 +159,28 @@ pub struct ProviderInfo {
     pub deepcache_interval: u32,
 }
 
+impl ProviderInfo {
+    /// `cpu`, or the provider and device, e.g. `cuda:0`.
+    pub fn label(&self) -> String {
+        if self.provider == "cpu" {
+            "cpu".into()
+        } else {
+            format!("{}:{}", self.provider, self.device_id)
+        }
+    }
+
+    /// The `/readyz` `device` object: `provider` (the label) and the model settings.
+    pub fn device_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "provider": self.label(),
+            "profile": self.profile,
+            "real_weights": self.real,
+            "precision": self.precision,
+            "deepcache_interval": self.deepcache_interval,
+        })
+    }
+}
+
 static PROVIDER: OnceLock<ProviderInfo> = OnceLock::new();
 
 /// Returns what the first worker of this process runs on (None before the models loaded).

@@ -50,6 +50,7 @@ pub async fn start(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<
             name: "lipsync-infer",
             listen: cfg.infer.listen,
             concurrency: workers,
+            device: engine::provider_info().map(engine::ProviderInfo::device_json),
         },
         InferHandler(Arc::new(stage)),
         shutdown,

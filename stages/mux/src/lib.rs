@@ -45,6 +45,7 @@ pub async fn start(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<
             name: "lipsync-mux",
             listen: cfg.mux.listen,
             concurrency: cfg.mux.concurrency,
+            device: None,
         },
         stage,
         shutdown,

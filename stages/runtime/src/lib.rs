@@ -42,6 +42,10 @@ pub struct StageSpec {
     /// Jobs at once in this process (the GPU stage: its number of GPU workers). The
     /// cluster-wide ceiling is the deployment's `nats.<stage>_max_in_flight`.
     pub concurrency: usize,
+    /// What this process runs its jobs on, shown by `/readyz` as `device` (a JSON object;
+    /// its `provider`, e.g. `cuda:0` or `cpu`, is also recorded in each task's stage
+    /// timing). None for stages that need no accelerator.
+    pub device: Option<serde_json::Value>,
 }
 
 /// A started stage: its operations address and the running task.
@@ -89,7 +93,7 @@ pub async fn start_stage<H: Handler>(
     let ready = ops::Readiness::default();
     let (ops_addr, ops_task) = ops::serve(
         spec.listen,
-        ops::router(spec.name, registry, ready.clone()),
+        ops::router(spec.name, registry, ready.clone(), spec.device.clone()),
         shutdown.clone(),
     )
     .await
@@ -144,6 +148,12 @@ pub async fn start_stage<H: Handler>(
         metrics,
         nats: cfg.nats.clone(),
         runner: cfg.runner.clone(),
+        provider: spec
+            .device
+            .as_ref()
+            .and_then(|d| d.get("provider"))
+            .and_then(|p| p.as_str())
+            .map(str::to_owned),
         scratch_root: cfg
             .artifacts
             .scratch_dir

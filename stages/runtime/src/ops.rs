@@ -33,10 +33,17 @@ struct OpsState {
     registry: Registry,
     ready: Readiness,
     name: &'static str,
+    device: Option<serde_json::Value>,
 }
 
-/// Routes `/metrics`, `/healthz` and `/readyz` for a binary called `name`.
-pub fn router(name: &'static str, registry: Registry, ready: Readiness) -> Router {
+/// Routes `/metrics`, `/healthz` and `/readyz` for a binary called `name`; `/readyz`
+/// also shows `device` (what the process runs its jobs on) when given.
+pub fn router(
+    name: &'static str,
+    registry: Registry,
+    ready: Readiness,
+    device: Option<serde_json::Value>,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -45,6 +52,7 @@ pub fn router(name: &'static str, registry: Registry, ready: Readiness) -> Route
             registry,
             ready,
             name,
+            device,
         })
 }
 
@@ -60,17 +68,16 @@ async fn healthz(State(s): State<OpsState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
-    if s.ready.get() {
-        (
-            StatusCode::OK,
-            axum::Json(serde_json::json!({"status": "ready", "service": s.name})),
-        )
+    let (code, status) = if s.ready.get() {
+        (StatusCode::OK, "ready")
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({"status": "not_ready", "service": s.name})),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
+    };
+    let mut body = serde_json::json!({"status": status, "service": s.name});
+    if let Some(d) = &s.device {
+        body["device"] = d.clone();
     }
+    (code, axum::Json(body))
 }
 
 /// Bind `addr` and serve `router` until `shutdown`; returns the bound address.

@@ -699,6 +699,8 @@ pub struct Runner<H: Handler> {
     pub nats: NatsConfig,
     /// Runner settings.
     pub runner: RunnerConfig,
+    /// Execution provider recorded in each task's stage timing (None: not recorded).
+    pub provider: Option<String>,
     /// Where job scratch folders go.
     pub scratch_root: PathBuf,
 }
@@ -889,7 +891,7 @@ impl<H: Handler> Runner<H> {
         }
         let record = match self
             .tasks
-            .mark_started(&task_id, stage, delivered, seq)
+            .mark_started_on(&task_id, stage, delivered, seq, self.provider.as_deref())
             .await
         {
             Ok(Updated::Written(r)) | Ok(Updated::Unchanged(r)) if !r.status.is_terminal() => r,

@@ -168,6 +168,20 @@ impl TaskStore {
         attempt: u32,
         message_seq: u64,
     ) -> Result<Updated, TaskStoreError> {
+        self.mark_started_on(task_id, stage, attempt, message_seq, None)
+            .await
+    }
+
+    /// [`TaskStore::mark_started`], also recording the execution provider the stage
+    /// runs on (e.g. `cuda:0`, `cpu`) in its timing.
+    pub async fn mark_started_on(
+        &self,
+        task_id: &str,
+        stage: Stage,
+        attempt: u32,
+        message_seq: u64,
+        provider: Option<&str>,
+    ) -> Result<Updated, TaskStoreError> {
         let (epoch, rfc) = now();
         self.update(task_id, |r| {
             r.status = Status::Processing;
@@ -190,6 +204,9 @@ impl TaskStore {
                 t.started_at = Some(epoch);
             }
             t.attempts = t.attempts.max(attempt);
+            if let Some(p) = provider {
+                t.provider = Some(p.to_owned());
+            }
             r.raise_progress(stage.progress_at(0.0));
             r.message = format!("{stage}: started");
             Change::Write
