@@ -214,6 +214,18 @@ async fn fake_pipeline(env: &Env, id: &str, result: &[u8]) {
     env.complete(id, 1.0).await;
 }
 
+/// Fails `id` at the face stage as a clip without a face would.
+async fn fail_no_face(env: &Env, id: &str) {
+    env.tasks
+        .fail(
+            id,
+            Some(Stage::Face),
+            TaskError::new(ErrorCode::NoFaceDetected, "no face in frame 0"),
+        )
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn submit_wait_follows_and_downloads_the_result_with_an_api_key() {
     let env = Env::start_with(|c| c.gateway.api_keys = vec!["k-123".into()]).await;
@@ -287,14 +299,7 @@ async fn wait_reports_a_failed_task() {
         .mark_started(&id, Stage::Face, 1, 0)
         .await
         .unwrap();
-    env.tasks
-        .fail(
-            &id,
-            Some(Stage::Face),
-            TaskError::new(ErrorCode::NoFaceDetected, "no face in frame 0"),
-        )
-        .await
-        .unwrap();
+    fail_no_face(&env, &id).await;
     let (code, text) = tokio::time::timeout(Duration::from_secs(30), run)
         .await
         .expect("the CLI returns after the failure")
@@ -524,14 +529,7 @@ async fn batch_wait_saves_results_to_out_dir_and_reports_the_worst_outcome() {
     ws_clients(&env, 2).await;
     let result: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
     fake_pipeline(&env, &ids[0], &result).await;
-    env.tasks
-        .fail(
-            &ids[1],
-            Some(Stage::Face),
-            TaskError::new(ErrorCode::NoFaceDetected, "no face in frame 0"),
-        )
-        .await
-        .unwrap();
+    fail_no_face(&env, &ids[1]).await;
     let (res, out) = tokio::time::timeout(Duration::from_secs(30), run)
         .await
         .expect("the CLI returns when both tasks ended")
