@@ -429,12 +429,8 @@ impl Engine {
         audio: &[f32],
     ) -> Result<Vec<f32>> {
         let start = Instant::now();
-        let [b, _, f, _, _] = shape;
-        let sample = TensorRef::from_array_view((shape, sample))?;
         let timestep = [t];
-        let timestep = TensorRef::from_array_view(([1usize], &timestep[..]))?;
-        let tokens = audio.len() / (b * f * 384).max(1);
-        let audio = TensorRef::from_array_view(([b * f, tokens, 384], audio))?;
+        let (sample, timestep, audio) = unet_inputs(sample, shape, &timestep, audio)?;
         let Some(unet) = self.unet.as_mut() else {
             return Err(InferError::Model(
                 "the plain UNet is not loaded (DeepCache is on)".into(),
@@ -448,10 +444,7 @@ impl Engine {
         let (_, eps) = out["noise_pred"].try_extract_tensor::<f32>()?;
         let res = eps.to_vec();
         drop(out);
-        let spent = start.elapsed();
-        self.busy += spent;
-        self.unet_busy += spent;
-        self.unet_runs += 1;
+        self.account(start.elapsed());
         Ok(res)
     }
 }
@@ -469,15 +462,11 @@ impl Engine {
         audio: &[f32],
     ) -> Result<(Vec<f32>, DeepFeature)> {
         let start = Instant::now();
-        let [b, _, f, _, _] = shape;
         let Some((full, _)) = self.deepcache.as_mut() else {
             return Err(InferError::Model("DeepCache graphs not loaded".into()));
         };
-        let sample = TensorRef::from_array_view((shape, sample))?;
         let timestep = [t];
-        let timestep = TensorRef::from_array_view(([1usize], &timestep[..]))?;
-        let tokens = audio.len() / (b * f * 384).max(1);
-        let audio = TensorRef::from_array_view(([b * f, tokens, 384], audio))?;
+        let (sample, timestep, audio) = unet_inputs(sample, shape, &timestep, audio)?;
         let out = full.run(ort::inputs![
             "sample" => sample,
             "timestep" => timestep,
@@ -517,15 +506,11 @@ impl Engine {
         deep: &DeepFeature,
     ) -> Result<Vec<f32>> {
         let start = Instant::now();
-        let [b, _, f, _, _] = shape;
         let Some((_, shallow)) = self.deepcache.as_mut() else {
             return Err(InferError::Model("DeepCache graphs not loaded".into()));
         };
-        let sample = TensorRef::from_array_view((shape, sample))?;
         let timestep = [t];
-        let timestep = TensorRef::from_array_view(([1usize], &timestep[..]))?;
-        let tokens = audio.len() / (b * f * 384).max(1);
-        let audio = TensorRef::from_array_view(([b * f, tokens, 384], audio))?;
+        let (sample, timestep, audio) = unet_inputs(sample, shape, &timestep, audio)?;
         let cached = TensorRef::from_array_view((deep.shape, &deep.data[..]))?;
         let out = shallow.run(ort::inputs![
             "sample" => sample,
@@ -548,6 +533,22 @@ impl Engine {
         self.unet_busy += spent;
         self.unet_runs += 1;
     }
+}
+
+/// The inputs of every UNet graph: `sample` `[b, 13, f, h, w]`, the `timestep` and the
+/// audio embeds `[b*f, tokens, 384]`.
+fn unet_inputs<'a>(
+    sample: &'a [f32],
+    shape: [usize; 5],
+    timestep: &'a [i64; 1],
+    audio: &'a [f32],
+) -> Result<(TensorRef<'a, f32>, TensorRef<'a, i64>, TensorRef<'a, f32>)> {
+    let [b, _, f, _, _] = shape;
+    let sample = TensorRef::from_array_view((shape, sample))?;
+    let timestep = TensorRef::from_array_view(([1usize], &timestep[..]))?;
+    let tokens = audio.len() / (b * f * 384).max(1);
+    let audio = TensorRef::from_array_view(([b * f, tokens, 384], audio))?;
+    Ok((sample, timestep, audio))
 }
 
 /// Checks that the profile has the DeepCache graphs (and their lock entries).
