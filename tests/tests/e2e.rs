@@ -22,9 +22,37 @@ async fn one_task_completes_and_changes_only_the_face() {
     .unwrap();
     p.media.face_clip("face.mp4", 2.0, 512, 512, 25, false);
     p.media.audio("voice.wav", 2.6);
+    // Beside it, an HLS playlist and an ffconcat list named `.mp4` whose entries point at
+    // a canary: no stage may follow them.
+    let canary = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let seg = format!("http://{}/seg.ts", canary.local_addr().unwrap());
+    canary.set_nonblocking(true).unwrap();
+    std::fs::write(
+        p.media.path("hls.mp4"),
+        format!("#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\n{seg}\n#EXT-X-ENDLIST\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        p.media.path("concat.mp4"),
+        format!("ffconcat version 1.0\nfile '{seg}'\n"),
+    )
+    .unwrap();
+    let mut lying = Vec::new();
+    for name in ["hls.mp4", "concat.mp4"] {
+        lying.push(p.submit_media(name, "voice.wav").await.unwrap());
+    }
     let t0 = Instant::now();
     let id = p.submit_media("face.mp4", "voice.wav").await.unwrap();
     let rec = p.wait_done(&id, TASK_TIMEOUT).await.unwrap();
+    for l in &lying {
+        let r = p.wait_done(l, TASK_TIMEOUT).await.unwrap();
+        assert_eq!(r["status"], "failed", "{r}");
+        assert_eq!(r["error"]["code"], "unsupported_media", "{r}");
+    }
+    assert!(
+        canary.accept().is_err(),
+        "a stage connected to the playlist's canary"
+    );
     eprintln!("task done in {:.1} s: {rec}", t0.elapsed().as_secs_f64());
     assert_eq!(rec["status"], "completed", "{rec}");
     assert_eq!(rec["progress"], 1.0);

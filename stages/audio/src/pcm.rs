@@ -4,7 +4,8 @@
 
 use std::io::{BufReader, Read};
 use std::path::Path;
-use std::process::{Command, Stdio};
+
+use lipsync_runtime::media::{MediaCommand, MediaError};
 
 use crate::error::{Error, Result};
 use crate::mel::SAMPLE_RATE;
@@ -133,9 +134,9 @@ pub fn decode_with_ffmpeg(
     input: &Path,
     f: &mut dyn FnMut(&[f32]) -> Result<()>,
 ) -> Result<u64> {
-    let mut child = Command::new(ffmpeg)
-        .args(["-nostdin", "-v", "error", "-i"])
-        .arg(input)
+    let cmd = MediaCommand::ffmpeg()
+        .program(ffmpeg)
+        .input(input)
         .args([
             "-map",
             "0:a:0",
@@ -152,40 +153,49 @@ pub fn decode_with_ffmpeg(
             "s16le",
             "-",
         ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
+        .cpu_limit_for(None);
+    let media = |e: MediaError| match e {
+        MediaError::Spawn(_, io) => Error::Io(io),
+        MediaError::Decode(reason) => {
+            Error::UnsupportedMedia(format!("ffmpeg could not decode the audio: {reason}"))
+        }
+        other => Error::UnsupportedMedia(other.to_string()),
+    };
+    let mut child = cmd.spawn().map_err(media)?;
+    let stdout = child.child.stdout.take().expect("piped stdout");
     let result = stream_s16le(stdout, None, f);
     if result.is_err() {
-        let _ = child.kill();
+        let _ = child.child.kill();
     }
-    let status = child.wait()?;
-    let err_text = err_reader.join().unwrap_or_default();
+    let finished = child.finish();
     let n = result?;
-    if !status.success() {
-        let first = err_text
-            .lines()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("unknown error")
-            .replace(&*input.to_string_lossy(), "input");
-        return Err(Error::UnsupportedMedia(format!(
-            "ffmpeg could not decode the audio: {first}"
-        )));
-    }
+    finished.map_err(media)?;
     Ok(n)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn playlists_are_refused_before_ffmpeg_opens_anything() {
+        let canary = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        canary.set_nonblocking(true).unwrap();
+        let seg = format!("http://{}/seg.ts", canary.local_addr().unwrap());
+        let dir = std::env::temp_dir().join(format!("lipsync-pcm-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hls = dir.join("voice.wav");
+        std::fs::write(
+            &hls,
+            format!("#EXTM3U\n#EXTINF:2.0,\n{seg}\n#EXT-X-ENDLIST\n"),
+        )
+        .unwrap();
+        let e = decode_with_ffmpeg(Path::new("ffmpeg"), &hls, &mut |_| Ok(())).unwrap_err();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(matches!(e, Error::UnsupportedMedia(_)), "{e}");
+        assert!(!e.to_string().contains(&*dir.to_string_lossy()), "{e}");
+        assert!(canary.accept().is_err(), "ffmpeg reached the canary");
+    }
 
     #[test]
     fn s16le_blocks_are_exact_and_bounded() {

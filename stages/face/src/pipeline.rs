@@ -5,10 +5,10 @@
 //! the video length.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::mpsc::{Receiver, sync_channel};
 
-use lipsync_runtime::media::{FPS, FrameReader, Geometry as FrameSize};
+use lipsync_runtime::media::tool::settings;
+use lipsync_runtime::media::{FPS, FrameReader, Geometry as FrameSize, MediaCommand};
 use lipsync_schemas::FaceTrack;
 
 use crate::align::Geometry;
@@ -55,18 +55,16 @@ impl Progress {
 
 /// Expected number of 25 fps frames from the container duration (best effort).
 pub fn expected_frames(path: &Path) -> Option<u64> {
-    let out = Command::new("ffprobe")
+    let out = MediaCommand::ffprobe()
         .args([
-            "-v",
-            "error",
             "-show_entries",
             "format=duration",
             "-of",
             "default=nw=1:nk=1",
         ])
-        .arg(path)
-        .stdin(Stdio::null())
-        .output()
+        .input(path)
+        .cpu_limit_for(None)
+        .run(settings().time.for_media(None))
         .ok()?;
     let secs: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
     Some((secs * f64::from(FPS)).round().max(1.0) as u64)

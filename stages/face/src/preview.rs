@@ -4,9 +4,9 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-use lipsync_runtime::media::{FPS, FrameReader};
+use lipsync_runtime::media::{FPS, FrameReader, MediaCommand};
 use lipsync_schemas::{FaceFrame, FaceTrack};
 
 use crate::error::{FaceError, Result};
@@ -24,17 +24,12 @@ const BLUE: [u8; 3] = [40, 120, 255];
 pub fn write_preview(video: &Path, track: &FaceTrack, out: &Path) -> Result<()> {
     let mut reader = FrameReader::open(video).map_err(|e| FaceError::Media(e.to_string()))?;
     let (w, h) = (reader.geometry.width, reader.geometry.height);
-    let mut enc = Command::new("ffmpeg")
-        .args([
-            "-nostdin", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
-        ])
-        .args([
-            "-s",
-            &format!("{w}x{h}"),
-            "-r",
-            &FPS.to_string(),
-            "-i",
-            "pipe:0",
+    let size = format!("{w}x{h}");
+    let rate = FPS.to_string();
+    let mut enc = MediaCommand::ffmpeg()
+        .arg("-y")
+        .pipe_input([
+            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", &size, "-r", &rate,
         ])
         .args(["-c:v", "libx264", "-preset", "veryfast", "-crf", "23"])
         .args([
@@ -43,11 +38,12 @@ pub fn write_preview(video: &Path, track: &FaceTrack, out: &Path) -> Result<()> 
             "-vf",
             "pad=ceil(iw/2)*2:ceil(ih/2)*2",
         ])
-        .arg(out)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()?;
-    let mut stdin = enc.stdin.take().expect("piped stdin");
+        .output(out)
+        .spawn_with(|c| {
+            c.stdin(Stdio::piped()).stdout(Stdio::null());
+        })
+        .map_err(|e| FaceError::Media(e.to_string()))?;
+    let mut stdin = enc.child.stdin.take().expect("piped stdin");
     let mut frame = Vec::new();
     let mut index = 0usize;
     while reader
@@ -61,10 +57,12 @@ pub fn write_preview(video: &Path, track: &FaceTrack, out: &Path) -> Result<()> 
         index += 1;
     }
     drop(stdin);
-    let status = enc.wait()?;
+    let status = enc.child.wait()?;
     if !status.success() {
+        let err = enc.take_stderr();
         return Err(FaceError::Io(std::io::Error::other(format!(
-            "ffmpeg preview encoder exited with {status}"
+            "ffmpeg preview encoder exited with {status}: {}",
+            enc.reason(&err)
         ))));
     }
     Ok(())

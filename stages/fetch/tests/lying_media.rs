@@ -247,6 +247,10 @@ async fn playlists_named_mp4_are_refused_and_fetch_nothing() {
         assert_eq!(e.code(), "unsupported_media", "{e}");
         let e = FrameReader::open(f).err().expect("refused");
         assert!(matches!(e, MediaError::Refused(_)), "{e}");
+        // The readers of the later stages refuse it too (frame timestamps for the 25 fps
+        // selection of face and mux).
+        let e = lipsync_runtime::media::framesel::probe_frames(f).unwrap_err();
+        assert!(matches!(e, MediaError::Refused(_)), "{e}");
     }
     // Even past the content check (a tool called on the playlist directly with the
     // wrapper's whitelists) ffmpeg refuses the format and opens no URL.

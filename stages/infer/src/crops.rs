@@ -1,9 +1,12 @@
 //! The generated-crops artifact: raw RGB24 `R x R` frames piped into ffmpeg at a constant
 //! 25 fps and stored as Matroska, one frame per output frame (the contract with mux).
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Stdio};
+
+use lipsync_runtime::media::MediaCommand;
+use lipsync_runtime::media::tool::MediaChild;
 
 use crate::error::{InferError, Result};
 
@@ -54,9 +57,8 @@ impl CropsCodec {
 
 /// An ffmpeg child encoding raw frames into a Matroska file.
 pub struct CropsWriter {
-    child: Child,
+    child: MediaChild,
     stdin: Option<ChildStdin>,
-    stderr: Option<std::thread::JoinHandle<String>>,
     frame_bytes: usize,
     /// Frames written so far.
     pub frames: u64,
@@ -69,31 +71,23 @@ impl CropsWriter {
     /// ffmpeg cannot be started.
     pub fn create(out: &Path, r: usize, codec: CropsCodec) -> Result<Self> {
         let size = format!("{r}x{r}");
-        let mut child = Command::new("ffmpeg")
-            .args([
-                "-nostdin", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
+        let mut child = MediaCommand::ffmpeg()
+            .arg("-y")
+            .pipe_input([
+                "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", &size, "-r", "25",
             ])
-            .args(["-s", &size, "-r", "25", "-i", "pipe:0", "-an"])
+            .arg("-an")
             .args(codec.args())
             .args(["-fps_mode", "passthrough", "-f", "matroska"])
-            .arg(out)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| InferError::Encode(format!("cannot run ffmpeg: {e}")))?;
-        let stdin = child.stdin.take();
-        let stderr = child.stderr.take().map(|mut e| {
-            std::thread::spawn(move || {
-                let mut s = String::new();
-                let _ = e.read_to_string(&mut s);
-                s
+            .output(out)
+            .spawn_with(|c| {
+                c.stdin(Stdio::piped()).stdout(Stdio::null());
             })
-        });
+            .map_err(|e| InferError::Encode(format!("cannot run ffmpeg: {e}")))?;
+        let stdin = child.child.stdin.take();
         Ok(Self {
             child,
             stdin,
-            stderr,
             frame_bytes: r * r * 3,
             frames: 0,
         })
@@ -119,12 +113,14 @@ impl CropsWriter {
 
     fn fail_message(&mut self) -> String {
         drop(self.stdin.take());
-        let _ = self.child.wait();
-        self.stderr
-            .take()
-            .and_then(|h| h.join().ok())
-            .and_then(|s| s.lines().find(|l| !l.trim().is_empty()).map(str::to_owned))
-            .unwrap_or_else(|| "ffmpeg failed".into())
+        let _ = self.child.child.wait();
+        let err = self.child.take_stderr();
+        let reason = self.child.reason(&err);
+        if reason.is_empty() {
+            "ffmpeg failed".into()
+        } else {
+            reason
+        }
     }
 
     /// Closes the input and waits for ffmpeg; returns the frames written.
@@ -135,17 +131,14 @@ impl CropsWriter {
         drop(self.stdin.take());
         let status = self
             .child
+            .child
             .wait()
             .map_err(|e| InferError::Encode(e.to_string()))?;
-        let err = self
-            .stderr
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default();
+        let err = self.child.take_stderr();
         if !status.success() {
-            let line = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
             return Err(InferError::Encode(format!(
-                "ffmpeg exited with {status}: {line}"
+                "ffmpeg exited with {status}: {}",
+                self.child.reason(&err)
             )));
         }
         Ok(self.frames)
@@ -155,9 +148,9 @@ impl CropsWriter {
 impl Drop for CropsWriter {
     fn drop(&mut self) {
         if self.stdin.is_some() {
+            // Unfinished: stop the encoder (the child's own drop reaps it).
             drop(self.stdin.take());
-            let _ = self.child.kill();
+            let _ = self.child.child.kill();
         }
-        let _ = self.child.wait();
     }
 }

@@ -34,7 +34,10 @@ impl Mask {
         }
     }
 
-    /// Reads a mask image (any format ffmpeg reads; the first channel's grey level).
+    /// Reads a mask image (any format ffmpeg reads; the first channel's grey level). The
+    /// mask is a model file checked against the manifest's sha256, not user media, so it
+    /// is read with a plain ffmpeg run: the media wrapper's format whitelist (containers
+    /// only) would refuse an image.
     ///
     /// # Errors
     /// ffmpeg cannot decode it or its size differs from `size`.

@@ -27,8 +27,8 @@
 //! - at the end, the last frame is repeated the median of the last three repeat counts.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
+use super::tool::{MediaCommand, settings};
 use super::{FPS, MediaError};
 
 /// ffmpeg output options that convert to 25 fps exactly as the reference's `-r 25`
@@ -93,10 +93,8 @@ pub fn select(frames: &[SourceFrame], stream_rate: Option<f64>, filtered: bool) 
 /// The frames of the first video stream (from the container's packet timestamps, sorted
 /// into presentation order) and its frame rate, read with ffprobe without decoding.
 pub fn probe_frames(input: &Path) -> Result<(Vec<SourceFrame>, Option<f64>), MediaError> {
-    let out = Command::new("ffprobe")
+    let cmd = MediaCommand::ffprobe()
         .args([
-            "-v",
-            "error",
             "-select_streams",
             "v:0",
             "-show_entries",
@@ -104,12 +102,14 @@ pub fn probe_frames(input: &Path) -> Result<(Vec<SourceFrame>, Option<f64>), Med
             "-of",
             "json",
         ])
-        .arg(input)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| MediaError::Spawn("ffprobe", e))?;
+        .input(input)
+        .cpu_limit_for(None);
+    let out = cmd.run(settings().time.for_media(None))?;
     if !out.status.success() {
-        return Err(MediaError::Decode("ffprobe failed on the video".into()));
+        return Err(MediaError::Decode(format!(
+            "ffprobe failed on the video: {}",
+            cmd.reason(&out.stderr)
+        )));
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| MediaError::Decode(format!("ffprobe output: {e}")))?;
