@@ -285,6 +285,7 @@ mod tests {
             fps: 25.0,
             video_duration_s: 3.0,
             audio_duration_s: 3.0,
+            video_stream: None,
         });
         m.observe_record(&timed);
         assert_eq!(completed(), 2);

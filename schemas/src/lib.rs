@@ -15,7 +15,7 @@ pub use task::{
 pub use track::{FACE_TRACK_VERSION, FaceFrame, FaceTrack};
 pub use work::{
     AudioJob, DecodeError, FaceJob, FetchJob, InferJob, LengthMode, MIN_WORK_VERSION, MuxJob,
-    WORK_VERSION, WorkItem, decode, salvage_task_id,
+    VideoStream, WORK_VERSION, WorkItem, decode, salvage_task_id,
 };
 
 use serde::{Deserialize, Serialize};

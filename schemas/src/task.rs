@@ -142,6 +142,9 @@ pub struct MediaSummary {
     pub video_duration_s: f64,
     /// Audio duration in seconds.
     pub audio_duration_s: f64,
+    /// The validated video stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub video_stream: Option<crate::VideoStream>,
 }
 
 /// Progress of the face/audio join (docs/architecture.md §4).

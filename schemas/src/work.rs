@@ -28,6 +28,18 @@ pub struct FetchJob {
     pub audio: InputSource,
 }
 
+/// The video stream fetch validated (container index and display size): the later
+/// stages decode exactly this stream and deliver frames at this size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VideoStream {
+    /// Container stream index (`-map 0:<index>`).
+    pub index: u32,
+    /// Width in pixels after rotation.
+    pub width: u32,
+    /// Height in pixels after rotation.
+    pub height: u32,
+}
+
 /// Work for the face stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FaceJob {
@@ -38,6 +50,10 @@ pub struct FaceJob {
     pub task_id: String,
     /// Artifact key of the original video.
     pub video: String,
+    /// The validated video stream (absent in work from before it was recorded: the
+    /// first video stream that is not an attached picture).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub video_stream: Option<VideoStream>,
 }
 
 /// Work for the audio stage.
@@ -66,6 +82,10 @@ pub struct InferJob {
     pub face_track: String,
     /// Artifact key of the audio features.
     pub audio_features: String,
+    /// The validated video stream (absent in work from before it was recorded: the
+    /// first video stream that is not an attached picture).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub video_stream: Option<VideoStream>,
 }
 
 /// Work for the mux stage.
@@ -92,6 +112,10 @@ pub struct MuxJob {
     /// How output frames map to video frames (the runtime's `media::frame_map`).
     #[serde(default)]
     pub length_mode: LengthMode,
+    /// The validated video stream (absent in work from before it was recorded: the
+    /// first video stream that is not an attached picture).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub video_stream: Option<VideoStream>,
 }
 
 /// How the video is fitted to the audio length. Wire words `pingpong`, `loop`, `cut`.

@@ -132,6 +132,7 @@ async fn simultaneous_face_and_audio_publish_one_infer_job() {
             v: WORK_VERSION,
             task_id: tid.clone(),
             video: names::artifact_key(&tid, names::artifact::VIDEO),
+            video_stream: None,
         };
         let audio_job = AudioJob {
             v: WORK_VERSION,

@@ -107,6 +107,7 @@ impl Handler for Fetch {
             v: lipsync_schemas::WORK_VERSION,
             task_id: ctx.task_id.clone(),
             video: key.clone(),
+            video_stream: None,
         };
         Ok(Outcome::next(
             [(names::artifact::VIDEO, key)],
@@ -189,6 +190,7 @@ impl Env {
                 v: 1,
                 task_id: tid.to_owned(),
                 video: names::artifact_key(tid, names::artifact::VIDEO),
+                video_stream: None,
             },
         )
         .await

@@ -330,6 +330,7 @@ impl Harness {
                 v: 1,
                 task_id: tid.clone(),
                 video: names::artifact_key(&tid, names::artifact::VIDEO),
+                video_stream: None,
             },
         )
         .await

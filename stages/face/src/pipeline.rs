@@ -8,7 +8,9 @@ use std::path::Path;
 use std::sync::mpsc::{Receiver, sync_channel};
 
 use lipsync_runtime::media::tool::settings;
-use lipsync_runtime::media::{FPS, FrameReader, Geometry as FrameSize, MediaCommand};
+use lipsync_runtime::media::{
+    DecodeOptions, FPS, FrameReader, Geometry as FrameSize, MediaCommand,
+};
 use lipsync_schemas::FaceTrack;
 
 use crate::align::Geometry;
@@ -32,6 +34,9 @@ pub struct TrackSettings {
     pub batch_size: usize,
     /// Batches buffered between decoder and detector.
     pub queue_batches: usize,
+    /// Which stream to decode and at what size (the stage sets fetch's validated stream
+    /// per job; the default is the first video stream that is not an attached picture).
+    pub decode: DecodeOptions,
 }
 
 /// Progress after each batch.
@@ -77,11 +82,12 @@ pub fn expected_frames(path: &Path) -> Option<u64> {
 /// [`FaceError::Media`] when the video cannot be probed or ffmpeg cannot start.
 pub fn start_decoder(
     path: &Path,
+    decode: &DecodeOptions,
     detector: &dyn Detector,
     batch_size: usize,
     queue_batches: usize,
 ) -> Result<(FrameSize, InputSpec, Receiver<Result<Batch>>)> {
-    let mut reader = FrameReader::open(path).map_err(|e| media_error(&e, path))?;
+    let mut reader = FrameReader::open_with(path, decode).map_err(|e| media_error(&e, path))?;
     let size = reader.geometry;
     let spec = detector.input_spec(size.width, size.height);
     let keep_frames = detector.needs_frames();
@@ -155,8 +161,13 @@ pub fn track_file(
     on_batch: &mut dyn FnMut(Progress) -> Result<()>,
 ) -> Result<FaceTrack> {
     let expected = expected_frames(path);
-    let (size, spec, batches) =
-        start_decoder(path, detector, settings.batch_size, settings.queue_batches)?;
+    let (size, spec, batches) = start_decoder(
+        path,
+        &settings.decode,
+        detector,
+        settings.batch_size,
+        settings.queue_batches,
+    )?;
     let mut builder = TrackBuilder::new(
         geometry.clone(),
         detector.layout(),

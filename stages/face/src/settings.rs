@@ -147,6 +147,7 @@ impl FaceSettings {
                 max_gap: cfg.max_gap_frames,
                 batch_size: cfg.batch_size,
                 queue_batches: cfg.queue_batches,
+                decode: Default::default(),
             },
         })
     }

@@ -3,6 +3,7 @@
 use std::sync::Mutex;
 
 use async_trait::async_trait;
+use lipsync_runtime::media::DecodeOptions;
 use lipsync_runtime::{JobCtx, JobError, Outcome, StageError};
 use lipsync_schemas::{ErrorCode, FaceJob, TaskError, names};
 
@@ -97,7 +98,8 @@ impl lipsync_runtime::Handler for FaceStage {
                 .await???
             }
         };
-        let settings = self.settings.track.clone();
+        let mut settings = self.settings.track.clone();
+        settings.decode = DecodeOptions::validated(job.video_stream);
         let (detector, track) = ctx
             .run_blocking("face tracker", move |b| {
                 let mut detector = detector;

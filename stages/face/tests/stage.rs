@@ -60,6 +60,7 @@ impl Env {
                 v: 1,
                 task_id: tid.clone(),
                 video: key,
+                video_stream: None,
             },
         )
         .await

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use lipsync_runtime::config::FetchConfig;
 use lipsync_runtime::{Change, JobCtx, JobError, Outcome, StageError};
 use lipsync_schemas::{
-    AudioJob, ErrorCode, FaceJob, FetchJob, InputSource, MediaSummary, NextWork, names,
+    AudioJob, ErrorCode, FaceJob, FetchJob, InputSource, MediaSummary, NextWork, VideoStream, names,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -311,6 +311,11 @@ impl lipsync_runtime::Handler for FetchStage {
 
         let v = vinfo.primary_video().expect("validated");
         let (width, height) = v.display_size();
+        let video_stream = Some(VideoStream {
+            index: v.index,
+            width,
+            height,
+        });
         let summary = MediaSummary {
             width,
             height,
@@ -321,6 +326,7 @@ impl lipsync_runtime::Handler for FetchStage {
                 .and_then(|a| a.duration_s)
                 .or(ainfo.duration_s)
                 .unwrap_or(0.0),
+            video_stream,
         };
         ctx.tasks
             .update(&ctx.task_id, |r| {
@@ -341,6 +347,7 @@ impl lipsync_runtime::Handler for FetchStage {
                 v: lipsync_schemas::WORK_VERSION,
                 task_id: ctx.task_id.clone(),
                 video: video_key.clone(),
+                video_stream,
             }),
             NextWork::of(&AudioJob {
                 v: lipsync_schemas::WORK_VERSION,

@@ -246,6 +246,19 @@ async fn fetches_validates_and_hands_over() {
     assert_eq!((media.width, media.height), (320, 240));
     assert!((media.fps - 25.0).abs() < 1e-6);
     assert!((media.audio_duration_s - 1.5).abs() < 0.1, "{media:?}");
+    // The validated stream travels to the stages that decode the video.
+    let validated = lipsync_schemas::VideoStream {
+        index: 0,
+        width: 320,
+        height: 240,
+    };
+    assert_eq!(media.video_stream, Some(validated));
+    let next = &rec.stages["fetch"].done.as_ref().unwrap().next;
+    let face = next.iter().find(|w| w.stage == Stage::Face).unwrap();
+    assert_eq!(
+        face.body["video_stream"],
+        serde_json::to_value(validated).unwrap()
+    );
     assert!((rec.progress - 0.10).abs() < 1e-9);
     let rec2 = e.fetched(&ok2).await;
     assert_eq!(rec2.status, Status::Processing, "{:?}", rec2.error);

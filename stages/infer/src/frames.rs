@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 
-use lipsync_runtime::media::FrameReader;
+use lipsync_runtime::media::{DecodeOptions, FrameReader};
 use lipsync_schemas::FaceTrack;
 
 use crate::error::{InferError, Result};
@@ -79,8 +79,14 @@ impl CropStore {
     ///
     /// # Errors
     /// Decoding or writing failed, or the video has fewer frames than needed.
-    pub fn produce(&self, video: &Path, track: &FaceTrack, needed: usize) -> Result<()> {
-        let res = self.produce_inner(video, track, needed);
+    pub fn produce(
+        &self,
+        video: &Path,
+        decode: &DecodeOptions,
+        track: &FaceTrack,
+        needed: usize,
+    ) -> Result<()> {
+        let res = self.produce_inner(video, decode, track, needed);
         let mut st = self.state.lock().expect("crop store lock");
         st.finished = true;
         if let Err(e) = &res {
@@ -90,9 +96,16 @@ impl CropStore {
         res
     }
 
-    fn produce_inner(&self, video: &Path, track: &FaceTrack, needed: usize) -> Result<()> {
+    fn produce_inner(
+        &self,
+        video: &Path,
+        decode: &DecodeOptions,
+        track: &FaceTrack,
+        needed: usize,
+    ) -> Result<()> {
         let g = self.geometry;
-        let mut reader = FrameReader::open(video).map_err(|e| InferError::Input(e.to_string()))?;
+        let mut reader =
+            FrameReader::open_with(video, decode).map_err(|e| InferError::Input(e.to_string()))?;
         let (w, h) = (
             reader.geometry.width as usize,
             reader.geometry.height as usize,

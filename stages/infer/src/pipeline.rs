@@ -19,7 +19,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
 use lipsync_runtime::features::{AudioFeatures, WINDOW_AFTER, WINDOW_BEFORE};
-use lipsync_runtime::media::{LengthMode, output_len, source_frame};
+use lipsync_runtime::media::{DecodeOptions, LengthMode, output_len, source_frame};
 use lipsync_runtime::models::SchedulerSpec;
 use lipsync_schemas::FaceTrack;
 
@@ -60,6 +60,9 @@ pub struct JobParams {
     pub prefetch: usize,
     /// Codec of the crops artifact.
     pub codec: CropsCodec,
+    /// The video stream fetch validated (None: the first that is not an attached
+    /// picture).
+    pub video_stream: Option<lipsync_schemas::VideoStream>,
 }
 
 /// Decides after every denoising step whether the job goes on.
@@ -190,8 +193,9 @@ pub fn run(
     let (in_tx, in_rx) = sync_channel::<ChunkIn>(params.prefetch.max(1));
     let (out_tx, out_rx) = sync_channel::<ChunkOut>(params.prefetch.max(1));
     let mut report = Report::default();
+    let decode = DecodeOptions::validated(params.video_stream);
     let result = std::thread::scope(|s| {
-        let producer = s.spawn(|| store.produce(inputs.video, track, needed));
+        let producer = s.spawn(|| store.produce(inputs.video, &decode, track, needed));
         let prep = s.spawn(|| {
             let r = prepare_chunks(&store, inputs, params, &ranges, n_video, in_tx);
             if r.is_err() {

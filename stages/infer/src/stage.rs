@@ -133,6 +133,7 @@ impl InferStage {
             scaling: p.vae.scaling_factor,
             prefetch: self.prefetch,
             codec: self.codec,
+            video_stream: None,
         }
     }
 
@@ -301,7 +302,8 @@ impl InferStage {
         ctx.check().await?;
 
         // Inference on a blocking thread; steps come back for progress and cancellation.
-        let params = self.params(steps, guidance, seed);
+        let mut params = self.params(steps, guidance, seed);
+        params.video_stream = job.video_stream;
         let crops = ctx.scratch_dir()?.join("crops.mkv");
         let this = self.clone();
         let crops_path = crops.clone();
@@ -358,6 +360,7 @@ impl InferStage {
             audio_16k: fetched(names::artifact::AUDIO_16K),
             output_frames: n_out as u64,
             length_mode: self.length_mode,
+            video_stream: job.video_stream,
         };
         Ok(Outcome::next(
             [(names::artifact::CROPS, crops_key)],

@@ -118,6 +118,7 @@ pub async fn store_inputs(
         video: key(names::artifact::VIDEO),
         face_track: key(names::artifact::FACE_TRACK),
         audio_features: key(names::artifact::AUDIO_FEATURES),
+        video_stream: None,
     })
 }
 

@@ -75,7 +75,9 @@ impl MuxStage {
     ) -> Result<(), JobError> {
         let total = job.output_frames as usize;
         let mode: LengthMode = job.length_mode;
-        let opts = self.opts.clone();
+        let mut opts = self.opts.clone();
+        // Decode exactly the stream fetch validated, at its validated size.
+        opts.video = lipsync_runtime::media::DecodeOptions::validated(job.video_stream);
         let d = dir.to_path_buf();
         let stats = ctx
             .run_blocking("renderer", move |b| {

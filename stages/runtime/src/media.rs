@@ -75,6 +75,19 @@ pub struct DecodeOptions {
 }
 
 impl DecodeOptions {
+    /// Decode the stream fetch validated, at its validated size (`None`: the first video
+    /// stream that is not an attached picture, probed).
+    pub fn validated(stream: Option<lipsync_schemas::VideoStream>) -> Self {
+        Self {
+            stream: stream.map(|s| s.index),
+            geometry: stream.map(|s| Geometry {
+                width: s.width,
+                height: s.height,
+            }),
+            ..Self::default()
+        }
+    }
+
     /// The `-map` / `-select_streams` specifier of the stream.
     pub fn stream_spec(&self, prefix: &str) -> String {
         match self.stream {

@@ -1349,6 +1349,7 @@ pub fn infer_job(record: &TaskRecord) -> Option<InferJob> {
         video: video.to_owned(),
         face_track: face_track.to_owned(),
         audio_features: features.to_owned(),
+        video_stream: record.media.as_ref().and_then(|m| m.video_stream),
     })
 }
 

@@ -287,6 +287,7 @@ impl Env {
                 output_frames: t.output_frames as u64,
                 length_mode: serde_json::from_value(serde_json::Value::String(t.mode.into()))
                     .expect("length mode"),
+                video_stream: None,
             },
         )
         .await
