@@ -14,7 +14,7 @@ use lipsync_tests::{NatsServer, new_record, pattern_clip, topology, wait_for, wo
 fn spawn(nats: &NatsServer) -> Child {
     Command::new(env!("CARGO_BIN_EXE_lipsync-infer"))
         .env("LIPSYNC_NATS__URL", nats.url())
-        .env("LIPSYNC_NATS__ACK_WAIT_S", "3")
+        .env("LIPSYNC_NATS__ACK_WAIT_S", "8")
         .env("LIPSYNC_INFER__LISTEN", "127.0.0.1:0")
         .env("LIPSYNC_MODELS__PROFILE", "tiny")
         .env(
@@ -43,7 +43,9 @@ async fn wait(store: &TaskStore, tid: &str, pred: impl Fn(&TaskRecord) -> bool) 
 async fn sigkill_mid_job_is_redelivered_and_completes_once() {
     let nats = NatsServer::start().await.unwrap();
     let mut cfg = nats.config();
-    cfg.nats.ack_wait_s = 3;
+    // 8 s: the stall limit (0.75 x ack_wait) leaves room for a loaded machine's slow
+    // start of a job; redelivery after the kill waits that long too.
+    cfg.nats.ack_wait_s = 8;
     let topo = topology(&cfg).await.unwrap();
     let store = TaskStore::new(topo.tasks.clone());
     let artifacts = NatsArtifacts::new(topo.artifacts.clone());
