@@ -18,3 +18,12 @@ print(json.dumps({"v": 1, "fps": 25.0, "width": w, "height": h, "frame_count": n
                   "frames": [f] * n}))
 PY
 }
+
+# mux_bench_setup: builds the release lipsync-mux and sets `bin` (its path) and `work` (a
+# scratch folder removed when the calling script exits).
+mux_bench_setup() {
+    cargo build --release -q -p lipsync-mux
+    bin=target/release/lipsync-mux
+    work="$(mktemp -d)"
+    trap 'rm -rf "$work"' EXIT
+}

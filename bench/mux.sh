@@ -10,10 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . ./.local/env.sh
 . bench/lib.sh
-cargo build --release -q -p lipsync-mux
-bin=target/release/lipsync-mux
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+mux_bench_setup
 secs=${MUX_BENCH_SECS:-10}
 long=${MUX_BENCH_LONG_SECS:-300}
 

@@ -11,10 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . ./.local/env.sh
 . bench/lib.sh
-cargo build --release -q -p lipsync-mux
-bin=target/release/lipsync-mux
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+mux_bench_setup
 vs=${PINGPONG_VIDEO_S:-120}
 as=${PINGPONG_AUDIO_S:-240}
 size=${PINGPONG_SIZE:-1920x1080}
