@@ -24,6 +24,8 @@ enum Mode {
     StallWithTool,
     /// Report progress for a long time (several ack waits).
     Long,
+    /// First attempt: stop reporting progress, and return success once stopped.
+    StallThenSucceed,
 }
 
 #[derive(Default)]
@@ -64,6 +66,10 @@ impl Handler for Face {
                     let _ = child.wait();
                 })
                 .await?;
+            }
+            Mode::StallThenSucceed if first => {
+                ctx.progress(0.1, "waiting").await?;
+                ctx.interrupted().cancelled().await;
             }
             Mode::Long => {
                 // Progress without touching NATS, so only the runner can stop it.
@@ -396,6 +402,25 @@ async fn a_stalled_job_is_stopped_with_its_tool_and_retried() {
         .map(|s| !s.contains(") Z "))
         .unwrap_or(false);
     assert!(!alive, "tool process {pid} still runs");
+    let body = metrics(&server).await;
+    assert_event(&body, "stalled", "face", 1);
+    stop(&shutdown, server).await;
+}
+
+/// A stopped job's tools are dead, so its result is not trusted even when it reports
+/// success after the stop: the attempt counts as stalled and the job runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_returned_after_a_stall_stop_is_not_recorded() {
+    let e = env(|c| {
+        c.nats.ack_wait_s = 4;
+        c.runner.stall_timeout_s = 1.5;
+    })
+    .await;
+    let (seen, shutdown, server) = e.start_face(Mode::StallThenSucceed).await;
+    let tid = e.face_task().await;
+    let rec = e.wait(&tid, face_done).await;
+    assert_eq!(rec.stages["face"].attempts, 2);
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 2);
     let body = metrics(&server).await;
     assert_event(&body, "stalled", "face", 1);
     stop(&shutdown, server).await;

@@ -480,6 +480,13 @@ impl JobCtx {
         let mut open = true;
         let result = loop {
             tokio::select! {
+                // Checked first: a stop kills the job's tools, which can end `work` in the
+                // same instant; the stop must win over that result.
+                biased;
+                _ = self.scope.stop.cancelled(), if stopped.is_none() => {
+                    stop.store(true, Ordering::SeqCst);
+                    stopped = Some(JobError::Interrupted);
+                }
                 r = &mut join => break r,
                 m = rx.recv(), if open => match m {
                     Some((fraction, message)) => {
@@ -497,12 +504,11 @@ impl JobCtx {
                     }
                     None => open = false,
                 },
-                _ = self.scope.stop.cancelled(), if stopped.is_none() => {
-                    stop.store(true, Ordering::SeqCst);
-                    stopped = Some(JobError::Interrupted);
-                }
             }
         };
+        if stopped.is_none() && self.scope.stop.is_cancelled() {
+            stopped = Some(JobError::Interrupted);
+        }
         match result {
             Ok(Ok(r)) => match stopped {
                 Some(e) => Err(e),
@@ -958,13 +964,16 @@ impl<H: Handler> Runner<H> {
             }
             None => Err(JobError::Interrupted),
         };
+        // A stopped job's tools were killed: whatever it returned after the stop, even
+        // success, is not trusted and the job counts as stopped.
         let result = match (result, scope.reason()) {
-            (Err(JobError::Interrupted), Some(StopReason::Stalled)) => {
+            (Ok(_) | Err(JobError::Interrupted), Some(StopReason::Stalled)) => {
                 Err(JobError::Transient(format!(
                     "{stage} made no progress for {:.0} s",
                     self.stall_timeout().as_secs_f64()
                 )))
             }
+            (Ok(_), Some(_)) => Err(JobError::Interrupted),
             (r, _) => r,
         };
 
