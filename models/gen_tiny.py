@@ -14,6 +14,10 @@ Output directory contents:
   vae_decoder.onnx      latent [N,4,h,w] -> image [N,3,8h,8w]
   unet.onnx             sample [B,13,F,h,w], timestep int64 [1],
                         encoder_hidden_states [B*F,50,384] -> noise_pred [B,4,F,h,w]
+  unet_deepcache_full.onnx, unet_deepcache_shallow.onnx   the DeepCache pair
+  ddim_step.onnx        noise_pred [B,4,F,h,w], sample [B|1,13,F,h,w], guidance [1],
+                        c_sample, c_eps float64 [1] -> latents [1,4,F,h,w],
+                        next_sample [B,13,F,h,w]   (no weights)
   mask.png              the LatentSync keep-mask at the profile resolution (gen_mask.py)
   manifest.lock.toml    sha256 and size of every file above
 
@@ -61,6 +65,9 @@ FILES = {
     # feature, and the shallow step that reuses it (same weights as unet.onnx).
     "unet_deepcache_full": "unet_deepcache_full.onnx",
     "unet_deepcache_shallow": "unet_deepcache_shallow.onnx",
+    # One DDIM step on the device (no weights; the same graph in every profile): the
+    # guidance mix, the deterministic DDIM update and the next UNet input.
+    "ddim_step": "ddim_step.onnx",
 }
 DEEPCACHE_ROLES = ("unet_deepcache_full", "unet_deepcache_shallow")
 MASK_FILE = "mask.png"
@@ -353,6 +360,86 @@ def _prune(g: G, outputs) -> None:
     g.nodes = list(reversed(keep))
     g.inits = [t for t in g.inits if t.name in need]
 
+def build_ddim_step(_rng=None) -> onnx.ModelProto:
+    """One DDIM step of a chunk on the execution provider, so that the UNet input, the noise
+    prediction and the latents stay on the device between steps (IO binding):
+
+      eps         = u + guidance * (c - u)      u = noise_pred[0], c = noise_pred[B-1] (float32;
+                                                with B = 1, u = c and eps = noise_pred exactly)
+      latents     = float32(c_sample * float64(x) + c_eps * float64(eps))   x = sample[0, 0:4]
+      next_sample = [latents | sample[0, 4:13]] repeated B times on the batch axis
+
+    The update is the deterministic DDIM step (eta 0, epsilon prediction, no clipping) with its
+    per-step coefficients c_sample = sqrt(a_prev / a_t) and c_eps = sqrt(1 - a_prev) -
+    sqrt(a_prev (1 - a_t) / a_t), computed by the caller from the schedule (the Rust side's
+    Ddim::coefficients, final alpha and set_alpha_to_one included), in float64 as the host
+    update did. The same operations in the same order as the host code, so the results are
+    the same floats. No weights: the graph is the same for every profile."""
+    g = G("ddim_step", np.random.RandomState(0))
+    axes0 = g.i64([0], "axes")
+    u = g.op("Slice", ["noise_pred", g.i64([0]), g.i64([1]), axes0], p="eps_uncond")
+    c = g.op("Slice", ["noise_pred", g.i64([-1]), g.i64([np.iinfo(np.int64).max]), axes0], p="eps_cond")
+    eps = g.op("Add", [u, g.op("Mul", ["guidance", g.op("Sub", [c, u])])], p="eps")
+    axes01 = g.i64([0, 1], "axes")
+    x = g.op("Slice", ["sample", g.i64([0, 0]), g.i64([1, LATENT_C]), axes01], p="latents_in")
+    cond = g.op("Slice", ["sample", g.i64([0, LATENT_C]), g.i64([1, UNET_IN_C]), axes01], p="cond")
+    x64 = g.op("Mul", [g.op("Cast", [x], to=TensorProto.DOUBLE), "c_sample"])
+    e64 = g.op("Mul", [g.op("Cast", [eps], to=TensorProto.DOUBLE), "c_eps"])
+    g.nodes.append(helper.make_node("Cast", [g.op("Add", [x64, e64])], ["latents"], name="n_latents",
+                                    to=TensorProto.FLOAT))
+    one = g.op("Concat", ["latents", cond], axis=1, p="next_item")
+    batch = g.op("Shape", ["noise_pred"], start=0, end=1, p="batch")
+    repeats = g.op("Concat", [batch, g.i64([1, 1, 1, 1])], axis=0, p="repeats")
+    g.nodes.append(helper.make_node("Tile", [one, repeats], ["next_sample"], name="n_next_sample"))
+    f32, f64 = TensorProto.FLOAT, TensorProto.DOUBLE
+    return g.model(
+        [vi("noise_pred", f32, ["B", LATENT_C, "F", "h", "w"]), vi("sample", f32, ["Bs", UNET_IN_C, "F", "h", "w"]),
+         vi("guidance", f32, [1]), vi("c_sample", f64, [1]), vi("c_eps", f64, [1])],
+        [vi("latents", f32, [1, LATENT_C, "F", "h", "w"]), vi("next_sample", f32, ["B", UNET_IN_C, "F", "h", "w"])],
+        "One DDIM step: guidance mix, eta-0 update, next UNet input.",
+    )
+
+
+def ddim_step_reference(noise_pred, sample, guidance, c_sample, c_eps):
+    """numpy rendition of ddim_step.onnx (the host update it replaced), for the checks."""
+    u, c = noise_pred[:1], noise_pred[-1:]
+    eps = (u + np.float32(guidance) * (c - u)).astype(np.float32)
+    x = sample[:1, :LATENT_C].astype(np.float64)
+    lat = (c_sample * x + c_eps * eps.astype(np.float64)).astype(np.float32)
+    item = np.concatenate([lat, sample[:1, LATENT_C:]], axis=1)
+    return lat, np.repeat(item, noise_pred.shape[0], axis=0)
+
+
+def check_ddim_step(s, expect, rs, lat: int) -> None:
+    """ddim_step.onnx against its numpy rendition: CFG (B=2) and B=1, a short chunk, the
+    last step's coefficients (c_eps of the final alpha). Shared with the exporter's check."""
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    ac = np.cumprod(1.0 - betas)
+    for b, f, (t, prev), g in ((2, 16, (951, 901), 1.5), (1, 5, (1, None), 1.0), (2, 3, (501, 451), 3.0)):
+        a_t, a_p = ac[t], (ac[prev] if prev is not None else ac[0])
+        c_x = np.sqrt(a_p / a_t)
+        c_e = np.sqrt(1.0 - a_p) - np.sqrt(a_p * (1.0 - a_t) / a_t)
+        eps = rs.standard_normal((b, LATENT_C, f, lat, lat)).astype(np.float32)
+        item = rs.standard_normal((1, UNET_IN_C, f, lat, lat)).astype(np.float32)
+        sample = np.repeat(item, b, axis=0)
+        feeds = {"noise_pred": eps, "sample": sample, "guidance": np.array([g], np.float32),
+                 "c_sample": np.array([c_x]), "c_eps": np.array([c_e])}
+        got_lat, got_next = s.run(None, feeds)
+        want_lat, want_next = ddim_step_reference(eps, sample, g, c_x, c_e)
+        d = max(float(np.abs(got_lat - want_lat).max()), float(np.abs(got_next - want_next).max()))
+        expect(got_lat.shape == (1, LATENT_C, f, lat, lat) and got_next.shape == sample.shape and d <= 1e-6,
+               f"ddim_step B={b} F={f} t={t} g={g}: latents {got_lat.shape}, next_sample {got_next.shape}, "
+               f"max |diff| vs numpy {d:.1e}")
+        if b == 1:
+            x0 = (item[:, :LATENT_C].astype(np.float64) - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+            ddim = np.sqrt(a_p) * x0 + np.sqrt(1 - a_p) * eps
+            expect(float(np.abs(got_lat - ddim).max()) < 1e-4,
+                   "B=1: the DDIM formula via x0 (eta 0), the final alpha = alphas_cumprod[0]")
+        step1 = s.run(None, dict(feeds, sample=item))
+        expect(all(np.array_equal(p, q) for p, q in zip(step1, (got_lat, got_next))),
+               f"B={b}: a batch-1 sample gives the same step (the first UNet input is uploaded once)")
+
+
 
 BUILDERS = {
     "whisper_encoder": build_whisper,
@@ -361,10 +448,12 @@ BUILDERS = {
     "unet": build_unet,
     "unet_deepcache_full": lambda rng: build_unet(rng, "full"),
     "unet_deepcache_shallow": lambda rng: build_unet(rng, "shallow"),
+    "ddim_step": build_ddim_step,
 }
 # Random stream of each model; the DeepCache graphs share the UNet's (same weights).
 SEEDS = {role: SEED + i for i, role in enumerate(("whisper_encoder", "vae_encoder", "vae_decoder", "unet"))}
 SEEDS.update({role: SEEDS["unet"] for role in DEEPCACHE_ROLES})
+SEEDS["ddim_step"] = 0  # no weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,7 +511,8 @@ def _load_manifest():
         return tomllib.load(f)
 
 
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16"}
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16",
+              "tensor(double)": "float64"}
 
 
 def _declared(args):
@@ -663,6 +753,9 @@ def check(out: Path) -> None:
     print("DeepCache graphs")
     check_deepcache(sess["unet"], sess["unet_deepcache_full"], sess["unet_deepcache_shallow"],
                     cfg, expect, exact=True)
+
+    print("ddim_step")
+    check_ddim_step(sess["ddim_step"], expect, rs, lat)
 
     print("end to end (whisper -> vae -> 20 DDIM steps with CFG 1.5 -> vae), F=5")
     expect(ddim_timesteps(20) == list(range(951, 0, -50)), "DDIM leading spacing + offset 1: 951, 901, ..., 1")

@@ -2,6 +2,11 @@
 //! `DDIMScheduler`): scaled-linear betas, leading timestep spacing with an offset,
 //! deterministic updates (eta 0) of an epsilon-predicting model, and the classifier-free
 //! guidance combination.
+//!
+//! The pipeline runs the update and the guidance mix on the execution provider, in the
+//! profile's `ddim_step` graph, with the per-step coefficients of [`Ddim::coefficients`]
+//! (see `Engine::denoise`). [`Ddim::step`] and [`guide`] are the same arithmetic on the
+//! host, in the same order: the reference the tests hold the graph to.
 
 use lipsync_runtime::models::SchedulerSpec;
 
@@ -96,20 +101,32 @@ impl Ddim {
         (self.alphas_cumprod[t as usize], alpha_prev)
     }
 
-    /// One deterministic DDIM update (eta 0, epsilon prediction, no clipping) of
-    /// `sample` in place, given the model's `eps` at step `i`.
-    pub fn step(&self, i: usize, eps: &[f32], sample: &mut [f32]) {
+    /// Returns `(c_sample, c_eps)` of step `i`: the deterministic DDIM update (eta 0,
+    /// epsilon prediction, no clipping) is `x_prev = c_sample * x + c_eps * eps`, from
+    /// `x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t)` and
+    /// `x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps`; the last step's `a_prev` is the final
+    /// alpha (`alphas_cumprod[0]`, or 1 with `set_alpha_to_one`).
+    pub fn coefficients(&self, i: usize) -> (f64, f64) {
         let (a_t, a_prev) = self.alphas(i);
-        // x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t); x_prev = sqrt(a_prev) x0 + sqrt(1-a_prev) eps
         let c_x = (a_prev / a_t).sqrt();
         let c_eps = (1.0 - a_prev).sqrt() - (a_prev * (1.0 - a_t) / a_t).sqrt();
+        (c_x, c_eps)
+    }
+
+    /// One deterministic DDIM update of `sample` in place, given the model's `eps` at step
+    /// `i`, on the host (f64 arithmetic, rounded to f32): the reference of the `ddim_step`
+    /// graph, which the pipeline runs instead.
+    pub fn step(&self, i: usize, eps: &[f32], sample: &mut [f32]) {
+        let (c_x, c_eps) = self.coefficients(i);
         for (x, &e) in sample.iter_mut().zip(eps) {
             *x = (c_x * f64::from(*x) + c_eps * f64::from(e)) as f32;
         }
     }
 }
 
-/// Classifier-free guidance: `eps_u + g (eps_c - eps_u)`, written into `uncond`.
+/// Classifier-free guidance: `eps_u + g (eps_c - eps_u)`, written into `uncond` (f32, the
+/// order of the `ddim_step` graph: difference, product, sum); the host reference of the
+/// graph's mix.
 pub fn guide(uncond: &mut [f32], cond: &[f32], guidance: f32) {
     for (u, &c) in uncond.iter_mut().zip(cond) {
         *u += guidance * (c - *u);

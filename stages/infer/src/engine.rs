@@ -1,7 +1,13 @@
-//! ONNX Runtime sessions of one GPU worker: VAE encoder, VAE decoder and UNet of the
-//! resolved profile (plus the DeepCache pair when `infer.deepcache_interval > 0`), created
-//! once at start-up. Every model run is timed, so the stage can report its duty cycle (time
-//! inside model runs / wall time).
+//! ONNX Runtime sessions of one GPU worker: VAE encoder, VAE decoder, UNet and DDIM step of
+//! the resolved profile (plus the DeepCache pair when `infer.deepcache_interval > 0`),
+//! created once at start-up. Every model run is timed, so the stage can report its duty
+//! cycle (time inside model runs / wall time).
+//!
+//! The DDIM loop of a chunk ([`Engine::denoise`]) runs through IO binding: the UNet input,
+//! the noise prediction, the latents, the audio embeds and the DeepCache feature stay where
+//! the provider put them (device memory under CUDA) from the first step to the last; the
+//! guidance mix, the DDIM update and the next UNet input come from the `ddim_step` graph on
+//! the same provider. Only the final latents come back to the host.
 //!
 //! Provider policy (nothing falls back silently): `infer.device = cuda` needs CUDA;
 //! `cpu` runs on the CPU (a real profile then logs a loud warning and the
@@ -17,10 +23,12 @@ use std::time::{Duration, Instant};
 
 use lipsync_runtime::models::ResolvedProfile;
 use ort::environment::Environment;
-use ort::session::Session;
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
-use ort::value::TensorRef;
+use ort::session::{IoBinding, Session};
+use ort::value::{DynValue, Tensor, TensorRef};
 
+use crate::ddim::{Ddim, deepcache_full_step};
 use crate::error::{InferError, Result};
 
 /// Where the models run.
@@ -98,6 +106,9 @@ impl EngineExtras {
 
 /// Roles of the DeepCache pair (models/manifest.toml).
 pub const DEEPCACHE_ROLES: [&str; 2] = ["unet_deepcache_full", "unet_deepcache_shallow"];
+
+/// Role of the DDIM step graph (models/manifest.toml).
+pub const DDIM_STEP_ROLE: &str = "ddim_step";
 
 /// Which execution provider the policy picks, before any session exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,6 +236,10 @@ pub struct Engine {
     /// DeepCache full and shallow steps (when `deepcache_interval > 0`).
     deepcache: Option<(Session, Session)>,
     deepcache_interval: u32,
+    /// One DDIM step on the provider: guidance mix, update, next UNet input.
+    ddim_step: Session,
+    /// Where the loop keeps its tensors between steps (the provider's device memory).
+    device_memory: MemoryInfo<'static>,
     /// Execution provider in use (`cpu`, `cuda:<id>` or `tensorrt:<id>`).
     pub provider: String,
     /// The same, structured.
@@ -318,7 +333,19 @@ impl Engine {
                 precision: unet_precision(profile),
                 deepcache_interval: extras.deepcache_interval,
             };
+            let device_memory = if gpu {
+                MemoryInfo::new(
+                    AllocationDevice::CUDA,
+                    device_id as i32,
+                    AllocatorType::Device,
+                    MemoryType::Default,
+                )?
+            } else {
+                host_memory()?
+            };
             Ok(Self {
+                ddim_step: open(DDIM_STEP_ROLE)?,
+                device_memory,
                 vae_encoder: open("vae_encoder")?,
                 vae_decoder: open("vae_decoder")?,
                 unet: if deepcache.is_none() {
@@ -528,11 +555,188 @@ impl Engine {
         Ok(res)
     }
 
+    /// Runs the DDIM loop of one chunk on the provider and returns the final latents
+    /// `[4, f, h, w]` of batch item 0.
+    ///
+    /// `sample` is the first UNet input `[b, 13, f, h, w]` (`b` = 2 with CFG: batch item 0
+    /// unconditional, 1 conditional) and `audio` the audio embeds `[b*f, tokens, 384]`
+    /// (all-zero rows for the unconditional item). Both go to the device once (the sample to
+    /// the UNet and to the step graph, the audio to each UNet graph of the chunk). Every
+    /// step then runs on bound values: the UNet graph of the step (plain, or the DeepCache
+    /// full / shallow graph with its cached deep feature) writes the noise prediction to
+    /// device memory, and the `ddim_step` graph turns it and the current UNet input into the
+    /// next UNet input there (guidance mix with `guidance`, the update with
+    /// [`Ddim::coefficients`]). Per step only the timestep and the two coefficients (24
+    /// bytes) go up; the last step writes the latents to host memory. `kinds` receives one
+    /// letter per step (`E` exact, `F` full, `S` shallow); `after_step(i)` returning false
+    /// stops the loop with [`InferError::Stopped`].
+    ///
+    /// # Errors
+    /// A failed model run, a missing graph, or a stop.
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise(
+        &mut self,
+        ddim: &Ddim,
+        sample: Vec<f32>,
+        shape: [usize; 5],
+        audio: Vec<f32>,
+        guidance: f32,
+        kinds: &mut String,
+        after_step: &mut dyn FnMut(usize) -> bool,
+    ) -> Result<Vec<f32>> {
+        let [b, _, f, _, _] = shape;
+        let tokens = audio.len() / (b * f * 384).max(1);
+        let sample = Tensor::from_array((shape, sample))?.into_dyn();
+        let audio = Tensor::from_array(([b * f, tokens, 384], audio))?;
+        let interval = self.deepcache_interval;
+        // One binding per graph of the chunk: the audio is bound (uploaded) once per graph.
+        let mut plain = match (&self.unet, interval) {
+            (Some(unet), 0) => Some(unet.create_binding()?),
+            (None, 0) => {
+                return Err(InferError::Model(
+                    "the plain UNet is not loaded (DeepCache is on)".into(),
+                ));
+            }
+            _ => None,
+        };
+        let (mut full, mut shallow) = match (&self.deepcache, interval) {
+            (_, 0) => (None, None),
+            (Some((fs, ss)), _) => (Some(fs.create_binding()?), Some(ss.create_binding()?)),
+            (None, _) => return Err(InferError::Model("DeepCache graphs not loaded".into())),
+        };
+        for binding in [&mut plain, &mut full, &mut shallow].into_iter().flatten() {
+            binding.bind_input("encoder_hidden_states", &audio)?;
+        }
+        let mut step = self.ddim_step.create_binding()?;
+        step.bind_input("guidance", &scalar(guidance)?)?;
+        let host = host_memory()?;
+        let steps = ddim.timesteps().len();
+        let mut current: DynValue = sample;
+        let mut deep: Option<DynValue> = None;
+        for (i, &t) in ddim.timesteps().iter().enumerate() {
+            let kind = match deep {
+                _ if interval == 0 => 'E',
+                Some(_) if !deepcache_full_step(interval, i) => 'S',
+                _ => 'F',
+            };
+            kinds.push(kind);
+            let binding = match kind {
+                'E' => plain.as_mut(),
+                'F' => full.as_mut(),
+                _ => shallow.as_mut(),
+            }
+            .expect("binding of the step's graph");
+            binding.bind_input("sample", &current)?;
+            binding.bind_input("timestep", &scalar(t)?)?;
+            // Bound afresh every run: the output goes into a new buffer, so the values of
+            // the previous run stay valid while they are still read.
+            binding.bind_output_to_device("noise_pred", &self.device_memory)?;
+            match kind {
+                'F' => binding.bind_output_to_device("deep_feature", &self.device_memory)?,
+                'S' => binding.bind_input(
+                    "deep_feature",
+                    deep.as_ref().expect("a full step came first"),
+                )?,
+                _ => {}
+            }
+            let start = Instant::now();
+            let (eps, new_deep) = self.run_unet(kind, binding)?;
+            let spent = start.elapsed();
+            self.account(spent);
+            match kind {
+                'F' => {
+                    deep = new_deep;
+                    self.deepcache_stats.full_runs += 1;
+                    self.deepcache_stats.full_busy += spent;
+                }
+                'S' => {
+                    self.deepcache_stats.shallow_runs += 1;
+                    self.deepcache_stats.shallow_busy += spent;
+                }
+                _ => {}
+            }
+
+            let (c_sample, c_eps) = ddim.coefficients(i);
+            step.bind_input("noise_pred", &eps)?;
+            step.bind_input("sample", &current)?;
+            step.bind_input("c_sample", &scalar(c_sample)?)?;
+            step.bind_input("c_eps", &scalar(c_eps)?)?;
+            step.clear_outputs();
+            let last = i + 1 == steps;
+            if last {
+                step.bind_output_to_device("latents", &host)?;
+            } else {
+                step.bind_output_to_device("next_sample", &self.device_memory)?;
+            }
+            let start = Instant::now();
+            let mut out = self.ddim_step.run_binding(&step)?;
+            let next = out
+                .remove(if last { "latents" } else { "next_sample" })
+                .ok_or_else(|| InferError::Model("ddim_step gave no output".into()))?;
+            drop(out);
+            self.busy += start.elapsed();
+            if !after_step(i) {
+                return Err(InferError::Stopped);
+            }
+            if last {
+                let (_, latents) = next.try_extract_tensor::<f32>()?;
+                return Ok(latents.to_vec());
+            }
+            current = next;
+        }
+        Err(InferError::Model("no DDIM steps".into()))
+    }
+
+    /// One bound UNet run of `kind` (`E`, `F`, `S`): the noise prediction and, for a full
+    /// step, the deep feature.
+    fn run_unet(
+        &mut self,
+        kind: char,
+        binding: &IoBinding,
+    ) -> Result<(DynValue, Option<DynValue>)> {
+        let session = match kind {
+            'E' => self.unet.as_mut(),
+            'F' => self.deepcache.as_mut().map(|(f, _)| f),
+            _ => self.deepcache.as_mut().map(|(_, s)| s),
+        }
+        .ok_or_else(|| InferError::Model("UNet graph not loaded".into()))?;
+        let mut out = session.run_binding(binding)?;
+        let eps = out
+            .remove("noise_pred")
+            .ok_or_else(|| InferError::Model("the UNet gave no noise_pred".into()))?;
+        let deep =
+            if kind == 'F' {
+                Some(out.remove("deep_feature").ok_or_else(|| {
+                    InferError::Model("the full step gave no deep_feature".into())
+                })?)
+            } else {
+                None
+            };
+        Ok((eps, deep))
+    }
+
     fn account(&mut self, spent: Duration) {
         self.busy += spent;
         self.unet_busy += spent;
         self.unet_runs += 1;
     }
+}
+
+/// Host memory, for values the host reads.
+fn host_memory() -> Result<MemoryInfo<'static>> {
+    Ok(MemoryInfo::new(
+        AllocationDevice::CPU,
+        0,
+        AllocatorType::Device,
+        MemoryType::Default,
+    )?)
+}
+
+/// A `[1]` tensor holding `v`.
+fn scalar<T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static>(
+    v: T,
+) -> Result<Tensor<T>> {
+    Ok(Tensor::from_array(([1usize], vec![v]))?)
 }
 
 /// The inputs of every UNet graph: `sample` `[b, 13, f, h, w]`, the `timestep` and the

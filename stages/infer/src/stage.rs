@@ -43,9 +43,11 @@ impl InferStage {
         let device: Device = cfg.infer.device.parse().map_err(InferError::BadRequest)?;
         let codec = CropsCodec::parse(&cfg.infer.crops_codec, cfg.infer.crops_crf)
             .map_err(InferError::BadRequest)?;
-        let profile =
-            lipsync_runtime::models::resolve(&cfg.models, &["vae_encoder", "vae_decoder", "unet"])
-                .map_err(|e| InferError::Model(e.to_string()))?;
+        let profile = lipsync_runtime::models::resolve(
+            &cfg.models,
+            &["vae_encoder", "vae_decoder", "unet", "ddim_step"],
+        )
+        .map_err(|e| InferError::Model(e.to_string()))?;
         let r = profile.profile.resolution as usize;
         if r == 0 || !r.is_multiple_of(8) {
             return Err(InferError::Model(format!(
