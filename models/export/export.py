@@ -9,7 +9,10 @@
       [--out /tmp/ls-check]     # the real architectures with seeded random weights, then a smoke run
 
 Writes into --out: whisper_encoder.onnx, vae_encoder.onnx, vae_decoder.onnx, unet.onnx (+ its
-external data file unet.onnx.data, the UNet is > 2 GB in fp32), mask.png and
+external data file unet.onnx.data, the UNet is > 2 GB in fp32), the DeepCache pair,
+ddim_step.onnx (one DDIM step on the execution provider, no weights: models/gen_tiny.py's
+graph, the same in every profile; `--only ddim_step` adds it to an existing export without
+torch), mask.png and
 manifest.lock.toml (sha256 + bytes, the format of models/gen_tiny.py; the UNet's external
 data file is listed under [external_data.unet]). Afterwards every graph is checked against
 manifest.toml (names, dtypes, shapes) with ONNX Runtime; with --random-weights (or --smoke)
@@ -434,6 +437,23 @@ def export_one(role, module, spec, out: Path, precision: str, props: dict) -> di
     return {"seconds": dt, "sizes": sizes}
 
 
+def write_ddim_step(out: Path, profile: str, precision: str, random_weights: bool) -> None:
+    """The DDIM step graph (no weights; float32 at the boundary and f64 inside whatever the
+    UNet's precision: it is a handful of element-wise operations on the latents)."""
+    import onnx
+
+    model = gen_tiny.build_ddim_step()
+    model.producer_name = "lipsync/models/export/export.py"
+    model.producer_version = str(EXPORTER_VERSION)
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, {"lipsync.profile": profile, "lipsync.precision": precision,
+                                        "lipsync.random_weights": str(bool(random_weights)).lower()})
+    onnx.checker.check_model(model, full_check=True)
+    path = out / FILES["ddim_step"]
+    onnx.save_model(model, str(path))
+    log(f"  ddim_step: written ({path.stat().st_size} bytes, gen_tiny.build_ddim_step)")
+
+
 def write_mask(out: Path, size: int, src: Path | None) -> str:
     """The reference's latentsync/utils/mask.png from the checkout (resized like gen_mask.py
     does, Lanczos-4) when it is there, else gen_mask.py's procedural redraw."""
@@ -522,6 +542,9 @@ def check(out: Path, profile: str, precision: str, mods=None, smoke: bool = True
         log(f"        session created in {time.time() - t0:.1f} s")
         if role in DEEPCACHE_ROLES:
             del sess[role], s  # loaded again for their own check below: keep one UNet in memory
+    if "ddim_step" in sess:  # cheap: always
+        log("ddim_step")
+        gen_tiny.check_ddim_step(sess["ddim_step"], expect, np.random.RandomState(0), RESOLUTIONS[profile] // 8)
     if not smoke or any(r not in sess for r in FILES if r not in DEEPCACHE_ROLES):
         return fails
 
@@ -685,8 +708,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.random_weights and not args.check_only:
         need = {"unet": "unet_ckpt", "whisper_encoder": "whisper_ckpt", "vae_encoder": "vae_weights",
-                "vae_decoder": "vae_weights"}
-        missing = sorted({need[r] for r in (args.only or FILES) if not getattr(args, need[r])})
+                "vae_decoder": "vae_weights", "unet_deepcache_full": "unet_ckpt",
+                "unet_deepcache_shallow": "unet_ckpt"}  # ddim_step: no weights
+        missing = sorted({need[r] for r in (args.only or FILES) if r in need and not getattr(args, need[r])})
         if missing:
             ap.error("without --random-weights, give " + ", ".join("--" + m.replace("_", "-") for m in missing))
     out = args.out or MODELS / "generated" / args.profile
@@ -695,6 +719,18 @@ def main(argv=None) -> int:
     if args.check_only:
         fails = check(out, args.profile, args.precision, None, smoke, args.threads)
         log("check: " + ("OK" if not fails else f"{len(fails)} FAILED"))
+        return 1 if fails else 0
+
+    manifest = gen_tiny._load_manifest()["profiles"][args.profile]
+    if args.only and set(args.only) == {"ddim_step"}:
+        # no weights, no torch: add the DDIM step graph to an existing export
+        write_ddim_step(out, args.profile, args.precision, args.random_weights)
+        if not all((out / f).exists() for f in FILES.values()):
+            log("--only: not all models present, no lock file / check")
+            return 0
+        write_lock(out, args.profile, args.precision, args)
+        fails = check(out, args.profile, args.precision, None, smoke, args.threads)
+        log("check: " + ("OK" if not fails else f"{len(fails)} FAILED: " + "; ".join(fails)))
         return 1 if fails else 0
 
     import onnx
@@ -710,11 +746,13 @@ def main(argv=None) -> int:
     t0 = time.time()
     mods = build_modules(args, whisper_model, unet_mod)
     log(f"modules built in {time.time() - t0:.1f} s ({'random weights, seed %d' % args.seed if args.random_weights else 'checkpoints loaded strictly'})")
-    manifest = gen_tiny._load_manifest()["profiles"][args.profile]
     props = {"lipsync.profile": args.profile, "lipsync.precision": args.precision,
              "lipsync.random_weights": str(bool(args.random_weights)).lower()}
     timings = {}
     for role in args.only or FILES:
+        if role == "ddim_step":
+            write_ddim_step(out, args.profile, args.precision, args.random_weights)
+            continue
         timings[role] = export_one(role, mods[role], manifest["models"][role], out, args.precision, props)
     log("mask: " + write_mask(out, manifest["mask"]["size"], src))
     if args.only and not all((out / f).exists() for f in FILES.values()):

@@ -64,7 +64,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 root, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 tiny = root / "models/generated/tiny"
 lock = ["# tiny profile converted to fp16 by stages/infer/gpu_check.sh", 'precision = "fp16"', ""]
-for role in ("vae_encoder", "vae_decoder", "unet", "unet_deepcache_full", "unet_deepcache_shallow"):
+for role in ("vae_encoder", "vae_decoder", "unet", "unet_deepcache_full", "unet_deepcache_shallow", "ddim_step"):
     m = onnx.load(str(tiny / f"{role}.onnx"))
     if role.startswith("unet"):
         m = convert_float_to_float16(m, keep_io_types=True, disable_shape_infer=True)
