@@ -109,6 +109,8 @@ pub struct Blender {
     tmp2: Vec<f32>,
     scratch: Scratch,
     soft_rect: Rect,
+    box_rect: Rect,
+    reference_edge: bool,
 }
 
 /// Coverage of pixel coordinate `u` by a box `0..=n-1` under bilinear sampling with zero
@@ -142,7 +144,17 @@ impl Blender {
             tmp2: Vec::new(),
             scratch: Scratch::default(),
             soft_rect: Rect::default(),
+            box_rect: Rect::default(),
+            reference_edge: false,
         }
+    }
+
+    /// Switches to the reference's edge (off by default): the face is pasted as
+    /// `eroded * face` (the 2x2-eroded box mask times the face), so where the blur reaches
+    /// past the eroded mask the frame blends towards black, as in the reference. For
+    /// parity comparisons; see the module documentation.
+    pub fn set_reference_edge(&mut self, on: bool) {
+        self.reference_edge = on;
     }
 
     /// The blend mask of the last blended frame: its rectangle and values (row-major over
@@ -175,6 +187,7 @@ impl Blender {
             return Ok(());
         };
         self.resizer.resize(crop, &mut self.face);
+        self.box_rect = box_rect;
         self.warp_mask(&to_crop, box_rect);
         let w_edge = self.erode(box_rect);
         self.blur(box_rect, w_edge);
@@ -330,14 +343,30 @@ impl Blender {
                 let x = s.x0 + i;
                 let (u, v) = to_crop.apply(x as f64, y as f64);
                 let face = sample(&self.face, cw, ch, u, v);
+                let keep = if self.reference_edge {
+                    self.eroded_at(x, y)
+                } else {
+                    1.0
+                };
                 let px = &mut frame[(y * self.width + x) * 3..(y * self.width + x) * 3 + 3];
                 for c in 0..3 {
-                    let out = alpha * face[c] + (1.0 - alpha) * f32::from(px[c]);
+                    let out = alpha * keep * face[c] + (1.0 - alpha) * f32::from(px[c]);
                     // Non-negative after the clamp: truncating x + 0.5 rounds (and stays inline).
                     px[c] = (out + 0.5).clamp(0.0, 255.0) as u8;
                 }
             }
         }
+    }
+}
+
+impl Blender {
+    /// The 2x2-eroded box mask at frame pixel `(x, y)` (0 outside the box rectangle).
+    fn eroded_at(&self, x: usize, y: usize) -> f32 {
+        let b = self.box_rect;
+        if x < b.x0 || x >= b.x1 || y < b.y0 || y >= b.y1 {
+            return 0.0;
+        }
+        self.eroded[(y - b.y0) * b.width() + (x - b.x0)]
     }
 }
 
@@ -409,6 +438,41 @@ mod tests {
         assert!(soft.iter().all(|v| (0.0..=1.0 + 1e-6).contains(v)));
         // Mask area ~ 63*84 = 5292 -> sqrt 72 -> w_edge 3.
         assert!(r.x0 <= 60 - 3 + 1 && r.x1 >= 122);
+    }
+
+    #[test]
+    fn reference_edge_darkens_just_past_the_eroded_box_only() {
+        let (w, h) = (200, 160);
+        let crop = vec![200u8; 32 * 32 * 3];
+        let m = placed(1.5, 60.0, 30.0);
+        let run = |reference: bool| {
+            let mut frame = vec![100u8; w * h * 3];
+            let mut b = Blender::new(w, h, 42, 56, 32);
+            b.set_reference_edge(reference);
+            b.blend(&mut frame, &crop, &m).unwrap();
+            frame
+        };
+        let (ours, theirs) = (run(false), run(true));
+        let px = |f: &[u8], x: usize, y: usize| f[(y * w + x) * 3];
+        // Inside the box both paste the face; the centre is identical.
+        assert_eq!(px(&ours, 90, 70), px(&theirs, 90, 70));
+        // Right of the box (x > 121.5) the blur still reaches: ours blends towards the
+        // face edge (brighter than the frame), the reference towards black (darker).
+        let darker = (120..132)
+            .filter(|&x| px(&theirs, x, 70) < 100)
+            .collect::<Vec<_>>();
+        assert!(
+            !darker.is_empty(),
+            "the reference edge darkens past the box"
+        );
+        assert!(
+            darker.iter().all(|&x| px(&ours, x, 70) >= 100),
+            "ours does not"
+        );
+        assert!(
+            ours.iter().zip(&theirs).all(|(a, b)| a >= b),
+            "the reference edge never brightens"
+        );
     }
 
     #[test]
