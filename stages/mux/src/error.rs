@@ -34,8 +34,7 @@ pub enum MuxError {
     /// The job was told to stop.
     #[error("aborted")]
     Aborted,
-    /// The input decodes to more than the limits allow, or the render would need more
-    /// scratch than `mux.max_scratch_bytes` (`input_too_long`).
+    /// The input decodes to more than the limits allow (`input_too_long`).
     #[error("{0}")]
     TooLong(String),
     /// The input is not media this product accepts (`unsupported_media`).

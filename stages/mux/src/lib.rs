@@ -6,8 +6,8 @@
 //! deletes its intermediates. Publishes no further work.
 //!
 //! Layout:
-//! - [`source`]: original frames by index (shared 25 fps decoder, ping-pong spool) and
-//!   the generated crops in order;
+//! - [`source`]: original frames by index (shared 25 fps decoder; backward ping-pong
+//!   laps re-decoded into an in-memory window) and the generated crops in order;
 //! - [`blend`] (with `resize` and `morph`): the reference's restore step, on the face's
 //!   bounding rectangle only;
 //! - [`encode`]: streaming ffmpeg H.264 encoders fed from writer threads;

@@ -78,7 +78,6 @@ async fn main() {
                 let mode: LengthMode = serde_json::from_value(serde_json::Value::String(mode))?;
                 let track = serde_json::from_slice(&std::fs::read(&track)?)?;
                 let opts = RenderOptions::from_config(&cfg.mux).map_err(anyhow::Error::msg)?;
-                let scratch = out.parent().map(PathBuf::from).unwrap_or_default();
                 let job = RenderJob {
                     video: &video,
                     track: &track,
@@ -88,19 +87,20 @@ async fn main() {
                     mode,
                     result: &out,
                     mask: &mask,
-                    scratch: &scratch,
                 };
                 let stats = render(&job, &opts, &Progress::default())?;
                 let (cpu, hwm_kb) = own_usage();
                 println!(
                     "{} frames ({} with a face) in {:.3} s: {:.1} frames/s, {} video decode(s); \
-                     this process: cpu {cpu:.2} s, peak rss {hwm_kb} kB; scratch peak {} bytes",
+                     this process: cpu {cpu:.2} s, peak rss {hwm_kb} kB; \
+                     ping-pong window {} frames ({} bytes)",
                     stats.frames,
                     stats.faces,
                     stats.secs,
                     stats.frames as f64 / stats.secs.max(1e-9),
                     stats.video_decodes,
-                    stats.scratch_peak
+                    stats.window_frames,
+                    stats.window_bytes
                 );
                 Ok(())
             };

@@ -2,7 +2,8 @@
 //! `lipsync-mux render` runs it from the command line): for each output frame, read the
 //! video frame it shows and the generated crop, paste the face back, and stream the
 //! result and the blend mask into two H.264 encoders. Memory holds a few frames
-//! whatever the video length.
+//! whatever the video length, plus the backward window of a ping-pong lap
+//! (`mux.pingpong_window_bytes`, see [`crate::source`]); nothing is spooled to disk.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,7 +16,7 @@ use lipsync_schemas::FaceTrack;
 use crate::blend::Blender;
 use crate::encode::{EncodeSpec, Encoder, PixelFormat};
 use crate::error::{MuxError, Result};
-use crate::source::{CropFrames, SpoolLimits, VideoFrames};
+use crate::source::{CropFrames, VideoFrames};
 
 /// Inputs and outputs of one render.
 #[derive(Debug, Clone, Copy)]
@@ -36,8 +37,6 @@ pub struct RenderJob<'a> {
     pub result: &'a Path,
     /// Where the mask video goes.
     pub mask: &'a Path,
-    /// Scratch folder (frame spool).
-    pub scratch: &'a Path,
 }
 
 /// Encoder settings.
@@ -55,8 +54,9 @@ pub struct RenderOptions {
     pub mask_preset: String,
     /// AAC bit rate, none = ffmpeg's default.
     pub audio_bitrate: Option<String>,
-    /// Scratch limits of the ping-pong spool.
-    pub spool: SpoolLimits,
+    /// Memory of the window a backward ping-pong lap is re-decoded into, bytes (at least
+    /// one frame).
+    pub pingpong_window_bytes: u64,
     /// Which video stream to decode (fetch's validated stream; default `0:V:0`).
     pub video: DecodeOptions,
 }
@@ -111,10 +111,7 @@ impl RenderOptions {
             mask_crf: cfg.mask_crf,
             mask_preset: cfg.mask_preset.clone(),
             audio_bitrate: cfg.audio_bitrate.clone(),
-            spool: SpoolLimits {
-                window_bytes: cfg.spool_window_bytes,
-                max_scratch_bytes: cfg.max_scratch_bytes,
-            },
+            pingpong_window_bytes: cfg.pingpong_window_bytes,
             video: DecodeOptions::default(),
         })
     }
@@ -136,10 +133,12 @@ pub struct RenderStats {
     pub frames: usize,
     /// Output frames that had a face pasted.
     pub faces: usize,
-    /// Decoder runs over the original video.
+    /// Decoder runs over the original video (forward laps + backward windows).
     pub video_decodes: usize,
-    /// Largest scratch use of the ping-pong spool, bytes (0 without a spool).
-    pub scratch_peak: u64,
+    /// Frames of a backward ping-pong window.
+    pub window_frames: usize,
+    /// Memory the backward window took, bytes (0 when no lap went backward).
+    pub window_bytes: u64,
     /// Wall time.
     pub secs: f64,
 }
@@ -225,12 +224,9 @@ pub fn render(
         job.video,
         n,
         geometry,
-        job.output_frames,
-        job.mode,
-        job.scratch,
-        opts.spool,
+        opts.pingpong_window_bytes,
         opts.video,
-    )?;
+    );
     let mut result = Encoder::start(&EncodeSpec {
         width: track.width,
         height: track.height,
@@ -297,7 +293,8 @@ pub fn render(
         frames: job.output_frames,
         faces,
         video_decodes: video.decodes,
-        scratch_peak: video.scratch_peak(),
+        window_frames: video.window_frames(),
+        window_bytes: video.window_bytes(),
         secs: started.elapsed().as_secs_f64(),
     })
 }

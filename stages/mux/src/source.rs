@@ -2,280 +2,44 @@
 //!
 //! - [`VideoFrames`]: original video frames by index, decoded with the shared 25 fps
 //!   recipe ([`FrameReader`]). Output frames walk the video forward, so a forward read is
-//!   the decoder's next frame. Ping-pong revisits frames backwards: the frames a reverse
-//!   lap will need are spooled while they are decoded the first time, **losslessly
-//!   compressed** (x264 RGB at qp 0, bit-exact) in segments of `K` frames, one file per
-//!   segment. A backward read decodes the segment holding the frame into a raw window
-//!   file of `K` frames and reads frames from it by index, so memory stays at one frame
-//!   and the raw scratch at one window: `K = mux.spool_window_bytes / (W*H*3)` (1..=250).
-//!   Only the revisited tail is spooled (`max(0, 2n - output)..n`); when the output is at
-//!   least twice the video, the whole video is, and later forward laps read the spool
-//!   too. `loop` re-decodes from the start for each lap (no disk). Scratch is bounded by
-//!   `mux.max_scratch_bytes` (spool + window): a render that would need more fails with
-//!   `input_too_long` instead of filling the disk. A raw spool would take 6.2 MB per
-//!   1080p frame (19 GB for 2 minutes revisited); the compressed one takes what the
-//!   content needs (see bench/mux_pingpong.sh for a measured figure).
+//!   the decoder's next frame. Ping-pong also walks it backwards; a backward lap is served
+//!   from an in-memory **window** of `K = mux.pingpong_window_bytes / (W*H*3)` frames
+//!   (at least 1), re-decoded from the source: for the window `[a, b)` that ends at the
+//!   requested frame, the very decode command of the forward pass (same stream, same
+//!   frame selection) runs again, capped at `b` output frames (`-frames:v`, applied after
+//!   the constant-frame-rate sync, so the selection is unchanged); frames before `a` are
+//!   dropped as they arrive and `[a, b)` is kept, then shown last to first. Frames are
+//!   therefore bit-identical to the forward pass, nothing goes to disk, and memory holds
+//!   one window whatever the video length.
+//!
+//!   Cost: a backward lap over `n` frames runs `ceil(n / K)` decodes of `b` frames each,
+//!   about `n^2 / (2K) + n` decoded frames (quadratic in the video length, linear in
+//!   `1/K`); `loop` and later forward laps re-decode once from the start per lap.
 //! - [`CropFrames`]: the generated crops, decoded in order with timestamps passed through
 //!   (one decoded frame per stored frame), with the count checked.
 
-use std::fs::File;
-use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Stdio};
+use std::process::{Child, ChildStdout, Stdio};
 
-use lipsync_runtime::media::tool::MediaChild;
-use lipsync_runtime::media::{DecodeOptions, FrameReader, Geometry, LengthMode, MediaCommand};
+use lipsync_runtime::media::{DecodeOptions, FrameReader, Geometry, MediaCommand};
 
 use crate::error::{MuxError, Result};
 
-/// Limits of the ping-pong spool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SpoolLimits {
-    /// Raw bytes of the window a backward read decodes a segment into.
-    pub window_bytes: u64,
-    /// Most scratch bytes (compressed segments + window).
-    pub max_scratch_bytes: u64,
+/// Frames a ping-pong window of `window_bytes` holds for frames of `frame_bytes` (at
+/// least one).
+pub fn window_frames(frame_bytes: usize, window_bytes: u64) -> usize {
+    usize::try_from(window_bytes / frame_bytes.max(1) as u64)
+        .unwrap_or(usize::MAX)
+        .max(1)
 }
 
-impl Default for SpoolLimits {
-    fn default() -> Self {
-        Self {
-            window_bytes: 256 << 20,
-            max_scratch_bytes: 8 << 30,
-        }
-    }
-}
-
-/// Frames per spool segment for frames of `frame_bytes` within `window_bytes`.
-pub fn segment_frames(frame_bytes: usize, window_bytes: u64) -> usize {
-    ((window_bytes / frame_bytes.max(1) as u64) as usize).clamp(1, 250)
-}
-
-/// The segment being written.
-struct SegmentWriter {
-    child: MediaChild,
-    stdin: ChildStdin,
-    frames: usize,
-}
-
-/// The raw frames of one segment.
+/// Frames `start..start + len` of the video, in memory, for backward reads.
 struct Window {
-    segment: usize,
-    file: File,
-    frames: usize,
-}
-
-/// Frames `from..from+kept` of the video, losslessly compressed in segment files.
-struct Spool {
-    dir: tempfile::TempDir,
-    geometry: Geometry,
-    /// First video frame kept.
-    from: usize,
-    /// Frames `from..from+kept` have been handed to the spool.
-    kept: usize,
-    /// Frames per segment.
-    seg_frames: usize,
-    writer: Option<SegmentWriter>,
-    /// Segments finished (all but possibly the last hold `seg_frames` frames).
-    finished: usize,
-    /// Bytes of the finished segments.
-    bytes: u64,
-    window: Option<Window>,
-    limits: SpoolLimits,
-    /// Largest scratch use seen (segments + window), for tests and benchmarks.
-    peak: u64,
-}
-
-impl Spool {
-    fn frame_bytes(&self) -> usize {
-        self.geometry.width as usize * self.geometry.height as usize * 3
-    }
-
-    fn segment_path(&self, i: usize) -> PathBuf {
-        self.dir.path().join(format!("seg{i:06}.mkv"))
-    }
-
-    fn window_bytes(&self) -> u64 {
-        (self.seg_frames * self.frame_bytes()) as u64
-    }
-
-    fn note_use(&mut self) -> Result<()> {
-        let used = self.bytes
-            + if self.window.is_some() {
-                self.window_bytes()
-            } else {
-                0
-            };
-        self.peak = self.peak.max(used);
-        if used > self.limits.max_scratch_bytes {
-            return Err(MuxError::TooLong(format!(
-                "the ping-pong spool needs more than mux.max_scratch_bytes ({} bytes) of scratch",
-                self.limits.max_scratch_bytes
-            )));
-        }
-        Ok(())
-    }
-
-    /// Appends the next frame (`from + kept`).
-    fn push(&mut self, frame: &[u8]) -> Result<()> {
-        if self.window.is_some() {
-            return Err(MuxError::Inconsistent(
-                "a frame was spooled after the spool was read".into(),
-            ));
-        }
-        if self
-            .writer
-            .as_ref()
-            .is_some_and(|w| w.frames == self.seg_frames)
-        {
-            self.finish_segment()?;
-        }
-        if self.writer.is_none() {
-            let path = self.segment_path(self.finished);
-            let g = self.geometry;
-            let mut child = MediaCommand::ffmpeg()
-                .pipe_input([
-                    "-f".to_owned(),
-                    "rawvideo".to_owned(),
-                    "-pix_fmt".to_owned(),
-                    "rgb24".to_owned(),
-                    "-s".to_owned(),
-                    format!("{}x{}", g.width, g.height),
-                    "-r".to_owned(),
-                    "25".to_owned(),
-                ])
-                .args([
-                    "-c:v".to_owned(),
-                    "libx264rgb".to_owned(),
-                    "-qp".to_owned(),
-                    "0".to_owned(),
-                    "-preset".to_owned(),
-                    "ultrafast".to_owned(),
-                    "-threads".to_owned(),
-                    "2".to_owned(),
-                    "-g".to_owned(),
-                    self.seg_frames.to_string(),
-                    "-f".to_owned(),
-                    "matroska".to_owned(),
-                    "-y".to_owned(),
-                ])
-                .output(&path)
-                .cpu_limit_for(Some(self.seg_frames as f64 / 25.0))
-                .spawn_with(|c| {
-                    c.stdin(Stdio::piped()).stdout(Stdio::null());
-                })?;
-            let stdin = child.child.stdin.take().expect("piped stdin");
-            self.writer = Some(SegmentWriter {
-                child,
-                stdin,
-                frames: 0,
-            });
-        }
-        let w = self.writer.as_mut().expect("writer just started");
-        w.stdin
-            .write_all(frame)
-            .map_err(MuxError::io("cannot write the frame spool"))?;
-        w.frames += 1;
-        self.kept += 1;
-        Ok(())
-    }
-
-    fn finish_segment(&mut self) -> Result<()> {
-        let Some(w) = self.writer.take() else {
-            return Ok(());
-        };
-        let SegmentWriter {
-            mut child, stdin, ..
-        } = w;
-        drop(stdin);
-        child
-            .finish()
-            .map_err(|e| MuxError::Encode(format!("frame spool: {e}")))?;
-        let len = std::fs::metadata(self.segment_path(self.finished))
-            .map_err(MuxError::io("cannot read the frame spool"))?
-            .len();
-        self.bytes += len;
-        self.finished += 1;
-        self.note_use()
-    }
-
-    /// Reads video frame `index` (which must be in the spool) into `buf`.
-    fn read(&mut self, index: usize, buf: &mut Vec<u8>) -> Result<()> {
-        self.finish_segment()?;
-        let fb = self.frame_bytes();
-        let rel = index - self.from;
-        let segment = rel / self.seg_frames;
-        if self.window.as_ref().is_none_or(|w| w.segment != segment) {
-            self.load(segment)?;
-        }
-        let w = self.window.as_ref().expect("window loaded");
-        let at = rel - segment * self.seg_frames;
-        if at >= w.frames {
-            return Err(MuxError::Inconsistent(format!(
-                "the frame spool lost frame {index}"
-            )));
-        }
-        buf.resize(fb, 0);
-        w.file
-            .read_exact_at(buf, (at * fb) as u64)
-            .map_err(MuxError::io("cannot read the frame spool"))?;
-        Ok(())
-    }
-
-    /// Decodes segment `segment` into the window file.
-    fn load(&mut self, segment: usize) -> Result<()> {
-        let fb = self.frame_bytes();
-        let file = match self.window.take() {
-            Some(w) => w.file,
-            None => tempfile::tempfile_in(self.dir.path())
-                .map_err(MuxError::io("cannot create the spool window"))?,
-        };
-        let path = self.segment_path(segment);
-        let mut child = MediaCommand::ffmpeg()
-            .input(&path)
-            .args([
-                "-map",
-                "0:V:0",
-                "-fps_mode",
-                "passthrough",
-                "-pix_fmt",
-                "rgb24",
-                "-f",
-                "rawvideo",
-                "pipe:1",
-            ])
-            .cpu_limit_for(Some(self.seg_frames as f64 / 25.0))
-            .spawn()?;
-        let mut out = child.child.stdout.take().expect("piped stdout");
-        let mut frame = vec![0u8; fb];
-        let mut frames = 0;
-        loop {
-            let got = read_full(&mut out, &mut frame)
-                .map_err(MuxError::io("cannot read the frame spool"))?;
-            if got == 0 {
-                break;
-            }
-            if got < fb || frames == self.seg_frames {
-                return Err(MuxError::Inconsistent(
-                    "the frame spool holds a partial or extra frame".into(),
-                ));
-            }
-            file.write_all_at(&frame, (frames * fb) as u64)
-                .map_err(MuxError::io("cannot write the spool window"))?;
-            frames += 1;
-        }
-        drop(out);
-        child
-            .finish()
-            .map_err(|e| MuxError::Encode(format!("frame spool: {e}")))?;
-        self.window = Some(Window {
-            segment,
-            file,
-            frames,
-        });
-        self.note_use()
-    }
+    start: usize,
+    len: usize,
+    /// `len` frames, back to back.
+    data: Vec<u8>,
 }
 
 /// Original video frames by index.
@@ -287,96 +51,74 @@ pub struct VideoFrames {
     reader: Option<FrameReader>,
     /// Index of the frame the reader returns next.
     next: usize,
-    spool: Option<Spool>,
-    /// Decoder runs started (1 + re-decodes), for tests and logs.
+    /// Frames a backward window holds.
+    window_frames: usize,
+    window: Option<Window>,
+    /// The frame read last.
+    last: Option<usize>,
+    /// Decoder runs started (forward laps + backward windows), for tests and logs.
     pub decodes: usize,
 }
 
-/// First video frame a ping-pong output revisits backwards, if any.
-pub fn spool_from(frames: usize, output: usize, mode: LengthMode) -> Option<usize> {
-    match mode {
-        LengthMode::Pingpong if output > frames => Some(frames.saturating_sub(output - frames)),
-        _ => None,
-    }
-}
-
 impl VideoFrames {
-    /// Opens `video` (decoding `frames` frames of `geometry`) for an output of `output`
-    /// frames in `mode`; the spool, if any, goes to `scratch`, within `limits`.
+    /// Opens `video` (decoding `frames` frames of `geometry`) with backward windows of at
+    /// most `window_bytes` (at least one frame), decoding the stream `decode` selects.
     ///
-    /// # Errors
-    /// The spool cannot be created, or the decoder cannot start.
-    #[allow(clippy::too_many_arguments)]
+    /// Nothing starts until the first read.
     pub fn open(
         video: &Path,
         frames: usize,
         geometry: Geometry,
-        output: usize,
-        mode: LengthMode,
-        scratch: &Path,
-        limits: SpoolLimits,
+        window_bytes: u64,
         decode: DecodeOptions,
-    ) -> Result<Self> {
-        let spool = match spool_from(frames, output, mode) {
-            Some(from) => {
-                let fb = geometry.width as usize * geometry.height as usize * 3;
-                Some(Spool {
-                    dir: tempfile::Builder::new()
-                        .prefix(&lipsync_runtime::media::scratch::scratch_prefix("mux"))
-                        .tempdir_in(scratch)
-                        .map_err(MuxError::io("cannot create the frame spool"))?,
-                    geometry,
-                    from,
-                    kept: 0,
-                    seg_frames: segment_frames(fb, limits.window_bytes),
-                    writer: None,
-                    finished: 0,
-                    bytes: 0,
-                    window: None,
-                    limits,
-                    peak: 0,
-                })
-            }
-            None => None,
-        };
-        Ok(Self {
+    ) -> Self {
+        let fb = geometry.width as usize * geometry.height as usize * 3;
+        Self {
             path: video.to_path_buf(),
             frames,
             geometry,
             decode: DecodeOptions {
                 geometry: Some(geometry),
                 max_frames: Some(frames as u64),
+                // The frames are 25 fps: no probe before each decode for its time limit.
+                duration_s: decode
+                    .duration_s
+                    .or(Some(frames as f64 / f64::from(lipsync_runtime::media::FPS))),
                 ..decode
             },
             reader: None,
             next: 0,
-            spool,
+            window_frames: window_frames(fb, window_bytes),
+            window: None,
+            last: None,
             decodes: 0,
-        })
+        }
     }
 
-    /// Largest scratch use of the spool so far (compressed segments + window), bytes.
-    pub fn scratch_peak(&self) -> u64 {
-        self.spool.as_ref().map_or(0, |s| s.peak)
+    /// Frames a backward window holds.
+    pub fn window_frames(&self) -> usize {
+        self.window_frames
     }
 
-    /// Reads video frame `index` into `buf`.
-    ///
-    /// # Errors
-    /// Decoding fails, the video ends early, or the spool cannot be read or written.
-    pub fn read(&mut self, index: usize, buf: &mut Vec<u8>) -> Result<()> {
-        if let Some(s) = &mut self.spool
-            && index >= s.from
-            && index < s.from + s.kept
-        {
-            return s.read(index, buf);
-        }
-        if self.reader.is_none() || index < self.next {
-            self.reader = Some(FrameReader::open_with(&self.path, &self.decode)?);
-            self.next = 0;
-            self.decodes += 1;
-        }
-        let reader = self.reader.as_mut().expect("reader just opened");
+    /// Bytes of the largest window held so far (0 if no backward read happened).
+    pub fn window_bytes(&self) -> u64 {
+        self.window.as_ref().map_or(0, |w| w.data.capacity() as u64)
+    }
+
+    fn frame_bytes(&self) -> usize {
+        self.geometry.width as usize * self.geometry.height as usize * 3
+    }
+
+    /// Starts a decoder from the first frame that stops after `frames` frames.
+    fn start(&mut self, frames: usize) -> Result<FrameReader> {
+        let reader = FrameReader::open_with(
+            &self.path,
+            &DecodeOptions {
+                max_frames: Some(frames as u64),
+                ..self.decode
+            },
+        )?;
+        self.decodes += 1;
         if reader.geometry != self.geometry {
             return Err(MuxError::Inconsistent(format!(
                 "the video decodes at {}x{}, the face track says {}x{}",
@@ -386,20 +128,86 @@ impl VideoFrames {
                 self.geometry.height
             )));
         }
+        Ok(reader)
+    }
+
+    fn ended_early(&self, at: usize) -> MuxError {
+        MuxError::Inconsistent(format!(
+            "the video decodes to {at} frames, the face track has {}",
+            self.frames
+        ))
+    }
+
+    /// Reads video frame `index` into `buf`.
+    ///
+    /// # Errors
+    /// Decoding fails, or the video ends early.
+    pub fn read(&mut self, index: usize, buf: &mut Vec<u8>) -> Result<()> {
+        if index >= self.frames {
+            return Err(MuxError::Inconsistent(format!(
+                "video frame {index} asked of a {}-frame video",
+                self.frames
+            )));
+        }
+        let fb = self.frame_bytes();
+        let backward = self.last.is_some_and(|l| index <= l);
+        self.last = Some(index);
+        if let Some(w) = &self.window
+            && index >= w.start
+            && index < w.start + w.len
+        {
+            let at = (index - w.start) * fb;
+            buf.clear();
+            buf.extend_from_slice(&w.data[at..at + fb]);
+            return Ok(());
+        }
+        if backward {
+            // At or before the frame read last, and not in the window: a backward lap.
+            return self.load_window(index, buf);
+        }
+        if self.reader.is_none() || index < self.next {
+            self.reader = None;
+            self.reader = Some(self.start(self.frames)?);
+            self.next = 0;
+        }
         while self.next <= index {
+            let reader = self.reader.as_mut().expect("reader open");
             if !reader.read_into(buf)? {
-                return Err(MuxError::Inconsistent(format!(
-                    "the video decodes to {} frames, the face track has {}",
-                    self.next, self.frames
-                )));
-            }
-            if let Some(s) = &mut self.spool
-                && self.next == s.from + s.kept
-            {
-                s.push(buf)?;
+                return Err(self.ended_early(self.next));
             }
             self.next += 1;
         }
+        Ok(())
+    }
+
+    /// Decodes the window that ends at `index` (a backward read), then reads `index`.
+    fn load_window(&mut self, index: usize, buf: &mut Vec<u8>) -> Result<()> {
+        // The forward decoder is past this lap; it is restarted when a forward lap needs it.
+        self.reader = None;
+        let fb = self.frame_bytes();
+        let end = index + 1;
+        let start = end.saturating_sub(self.window_frames);
+        let mut w = self.window.take().unwrap_or_else(|| Window {
+            start: 0,
+            len: 0,
+            data: Vec::new(),
+        });
+        w.data.resize((end - start) * fb, 0);
+        let mut reader = self.start(end)?;
+        let mut frame = std::mem::take(buf);
+        for i in 0..end {
+            if !reader.read_into(&mut frame)? {
+                return Err(self.ended_early(i));
+            }
+            if i >= start {
+                w.data[(i - start) * fb..(i - start + 1) * fb].copy_from_slice(&frame);
+            }
+        }
+        drop(reader);
+        w.start = start;
+        w.len = end - start;
+        *buf = frame;
+        self.window = Some(w);
         Ok(())
     }
 }
@@ -581,21 +389,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spool_covers_only_the_revisited_tail() {
-        assert_eq!(spool_from(10, 10, LengthMode::Pingpong), None);
-        assert_eq!(spool_from(10, 13, LengthMode::Pingpong), Some(7));
-        assert_eq!(spool_from(10, 20, LengthMode::Pingpong), Some(0));
-        assert_eq!(spool_from(10, 35, LengthMode::Pingpong), Some(0));
-        assert_eq!(spool_from(10, 35, LengthMode::Loop), None);
-        assert_eq!(spool_from(10, 5, LengthMode::Cut), None);
-        // Every frame a reverse lap shows is in the spool.
-        for (n, out) in [(10, 13), (10, 20), (7, 30), (1, 4)] {
-            let from = spool_from(n, out, LengthMode::Pingpong).unwrap();
-            for k in n..out {
-                let src = lipsync_runtime::media::source_frame(k, n, LengthMode::Pingpong);
-                assert!(src >= from, "n {n} out {out} k {k}");
-            }
-        }
+    fn windows_hold_at_least_one_frame() {
+        assert_eq!(window_frames(100, 0), 1);
+        assert_eq!(window_frames(100, 99), 1);
+        assert_eq!(window_frames(100, 250), 2);
+        assert_eq!(window_frames(1920 * 1080 * 3, 512 << 20), 86);
     }
 
     #[test]

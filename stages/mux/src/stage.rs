@@ -115,7 +115,6 @@ impl MuxStage {
                             mode,
                             result: &d.join("result.mp4"),
                             mask: &d.join("mask.mp4"),
-                            scratch: &d,
                         },
                         &opts,
                         &progress,

@@ -46,13 +46,12 @@ pub struct MuxConfig {
     /// Delete the task's intermediate artifacts (inputs, 16 kHz audio, face track,
     /// audio features, crops) once the task is completed. Default true.
     pub delete_intermediates: bool,
-    /// Ping-pong keeps the frames a backward lap shows in a lossless compressed spool
-    /// (x264 RGB, qp 0) cut in segments; a backward read decodes one segment into a raw
-    /// window of at most this many bytes on scratch. Default 256 MiB.
-    pub spool_window_bytes: u64,
-    /// Most scratch bytes one render may use (compressed spool + window); a render that
-    /// would need more fails with `input_too_long`. Default 8 GiB.
-    pub max_scratch_bytes: u64,
+    /// Memory of the window a backward ping-pong lap is re-decoded into (RGB frames of
+    /// W*H*3 bytes; at least one frame). Nothing is spooled to disk: each window re-runs
+    /// the forward decode up to its last frame, so a backward lap of n frames decodes
+    /// about n^2 / (2K) + n frames for K frames per window (K = 86 at 1080p with the
+    /// default). Larger windows cost memory, smaller ones decode time. Default 512 MiB.
+    pub pingpong_window_bytes: u64,
 }
 
 impl Default for MuxConfig {
@@ -69,8 +68,7 @@ impl Default for MuxConfig {
             audio_bitrate: None,
             local_dir: None,
             delete_intermediates: true,
-            spool_window_bytes: 256 << 20,
-            max_scratch_bytes: 8 << 30,
+            pingpong_window_bytes: 512 << 20,
         }
     }
 }
