@@ -24,8 +24,8 @@ use lipsync_runtime::models::SchedulerSpec;
 use lipsync_schemas::FaceTrack;
 
 use crate::crops::{CropsCodec, CropsWriter};
-use crate::ddim::{Ddim, chunk_ranges, deepcache_full_step, guide};
-use crate::engine::{DeepFeature, Engine};
+use crate::ddim::{Ddim, chunk_ranges};
+use crate::engine::Engine;
 use crate::error::{InferError, Result};
 use crate::frames::{CropGeometry, CropStore};
 use crate::image::{paste_back, push_planar};
@@ -418,12 +418,6 @@ fn denoise_chunk(
     let reference = encode(&chunk.reference)?;
 
     // [noise 4 | mask 1 | masked 4 | reference 4] per batch item, each [C, F, h, w].
-    let mut latents: Vec<f32> = Vec::with_capacity(block);
-    for c in 0..4 {
-        for _ in 0..f {
-            latents.extend_from_slice(&noise[c * hw..(c + 1) * hw]);
-        }
-    }
     let mask_lat = mask.latent();
     let cfg = params.guidance > 1.0;
     let batch = if cfg { 2 } else { 1 };
@@ -431,6 +425,12 @@ fn denoise_chunk(
     let mut sample = vec![0f32; batch * item];
     for b in 0..batch {
         let base = b * item;
+        for c in 0..4 {
+            for fr in 0..f {
+                let o = base + (c * f + fr) * hw;
+                sample[o..o + hw].copy_from_slice(&noise[c * hw..(c + 1) * hw]);
+            }
+        }
         for fr in 0..f {
             let o = base + block + fr * hw;
             sample[o..o + hw].copy_from_slice(mask_lat);
@@ -447,39 +447,16 @@ fn denoise_chunk(
     } else {
         chunk.audio.clone()
     };
-    let interval = engine.deepcache_interval();
-    let mut cached: Option<DeepFeature> = None;
-    for (i, &t) in ddim.timesteps().iter().enumerate() {
-        for b in 0..batch {
-            sample[b * item..b * item + block].copy_from_slice(&latents);
-        }
-        let shape = [batch, 13, f, h, w];
-        let mut eps = match cached.as_ref() {
-            _ if interval == 0 => {
-                kinds.push('E');
-                engine.unet(&sample, shape, t, &audio)?
-            }
-            Some(deep) if !deepcache_full_step(interval, i) => {
-                kinds.push('S');
-                engine.unet_shallow(&sample, shape, t, &audio, deep)?
-            }
-            _ => {
-                kinds.push('F');
-                let (eps, deep) = engine.unet_full(&sample, shape, t, &audio)?;
-                cached = Some(deep);
-                eps
-            }
-        };
-        if cfg {
-            let (uncond, cond) = eps.split_at_mut(block);
-            guide(uncond, cond, params.guidance as f32);
-            eps.truncate(block);
-        }
-        ddim.step(i, &eps, &mut latents);
-        if !after_step(i) {
-            return Err(InferError::Stopped);
-        }
-    }
+    // The steps run on the provider (guidance mix and DDIM update in its `ddim_step` graph).
+    let latents = engine.denoise(
+        ddim,
+        sample,
+        [batch, 13, f, h, w],
+        audio,
+        params.guidance as f32,
+        kinds,
+        after_step,
+    )?;
     // [4, F, h, w] / scale -> [F, 4, h, w] -> decoder.
     let mut frames_first = vec![0f32; block];
     for c in 0..4 {
