@@ -447,7 +447,10 @@ impl Engine {
     }
 
     /// Runs the UNet on `sample` `[b, 13, f, h, w]` at timestep `t` with audio embeds
-    /// `[b*f, 50, 384]`; returns the noise prediction `[b, 4, f, h, w]`.
+    /// `[b*f, 50, 384]`; returns the noise prediction `[b, 4, f, h, w]`. One run with host
+    /// tensors (copied in and out): the pipeline's loop is [`Engine::denoise`]; this and the
+    /// DeepCache pair's [`Engine::unet_full`] / [`Engine::unet_shallow`] are for tests and
+    /// tools (the host reference of that loop).
     pub fn unet(
         &mut self,
         sample: &[f32],
