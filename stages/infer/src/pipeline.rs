@@ -351,19 +351,28 @@ fn denoise_all(
             Vec::new()
         } else {
             let mut kinds = String::new();
+            let input = ChunkModelInput {
+                index: chunk.index,
+                frames: f,
+                masked: &chunk.masked,
+                reference: &chunk.reference,
+                audio: &chunk.audio,
+            };
             let d = denoise_chunk(
                 engine,
                 ddim,
                 params,
                 mask,
                 &noise,
-                &chunk,
-                f,
+                &input,
+                VaeNoise::Params,
                 &mut kinds,
+                &mut |_, _| {},
                 &mut |_| {
                     done += 1;
                     control.step(done, total_steps)
                 },
+                &mut |_| {},
             )?;
             report.chunks_generated += 1;
             report.unet_schedule.push(kinds);
@@ -381,41 +390,95 @@ fn denoise_all(
     Ok(())
 }
 
-/// Runs the VAE encoder, the DDIM loop and the VAE decoder on one chunk of `f` frames.
+/// The model inputs of one chunk: the planar [-1, 1] masked and reference crops of its
+/// `frames` generated frames (`[F, 3, R, R]` each) and their audio chunks
+/// (`[F, 50, 384]`).
+pub struct ChunkModelInput<'a> {
+    /// Chunk index in the job (selects the VAE sample's noise stream).
+    pub index: usize,
+    /// Generated frames `F`.
+    pub frames: usize,
+    /// Masked crops.
+    pub masked: &'a [f32],
+    /// Reference (unmasked) crops.
+    pub reference: &'a [f32],
+    /// Audio chunks.
+    pub audio: &'a [f32],
+}
+
+/// Where the VAE posterior noise of a chunk comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum VaeNoise<'a> {
+    /// As [`JobParams::vae_sample`] says: the posterior mean, or a sample drawn from the
+    /// job's seed.
+    Params,
+    /// A posterior sample with these standard-normal values, `[F, 4, h, w]` each (the
+    /// parity harness injects the reference's draws).
+    Given {
+        /// Noise of the masked crops' posterior.
+        masked: &'a [f32],
+        /// Noise of the reference crops' posterior.
+        reference: &'a [f32],
+    },
+}
+
+/// Runs the VAE encoder, the DDIM loop and the VAE decoder on one chunk and returns the
+/// decoded planar images `[F, 3, R, R]` (unclamped). `noise` is the `[4, h, w]` initial
+/// noise, repeated over the frames. `on_latents` sees the scaled masked and reference
+/// latents (`[4, F, h, w]` each), `after_step(i)` runs after each DDIM step (returning
+/// `false` stops with [`InferError::Stopped`]) and `on_denoised` sees the latents after
+/// the last step (`[4, F, h, w]`).
+///
+/// # Errors
+/// A failed model run, or the stop.
 #[allow(clippy::too_many_arguments)]
-fn denoise_chunk(
+pub fn denoise_chunk(
     engine: &mut Engine,
     ddim: &Ddim,
     params: &JobParams,
     mask: &Mask,
     noise: &[f32],
-    chunk: &ChunkIn,
-    f: usize,
+    chunk: &ChunkModelInput<'_>,
+    vae_noise: VaeNoise<'_>,
     kinds: &mut String,
+    on_latents: &mut dyn FnMut(&[f32], &[f32]),
     after_step: &mut dyn FnMut(usize) -> bool,
+    on_denoised: &mut dyn FnMut(&[f32]),
 ) -> Result<Vec<f32>> {
+    let f = chunk.frames;
     let r = params.geometry.resolution;
     let (h, w) = (r / 8, r / 8);
     let hw = h * w;
     let block = 4 * f * hw; // one [4, F, h, w] latent block
     let scale = params.scaling as f32;
-    let mut vae_noise = params
-        .vae_sample
+    let mut seeded = (params.vae_sample && matches!(vae_noise, VaeNoise::Params))
         .then(|| Gaussian::new(params.seed, STREAM_VAE_BASE + chunk.index as u64));
-    let mut encode = |images: &[f32]| -> Result<Vec<f32>> {
+    let mut encode = |images: &[f32], given: Option<&[f32]>| -> Result<Vec<f32>> {
         let (mean, logvar) = engine.vae_encode(images, f, r)?;
-        let lat = match vae_noise.as_mut() {
-            Some(g) => mean
+        let std = |lv: f32| (0.5 * lv).exp();
+        let lat = match (given, seeded.as_mut()) {
+            (Some(eps), _) => mean
                 .iter()
                 .zip(&logvar)
-                .map(|(m, lv)| m + (0.5 * lv).exp() * g.next_f64() as f32)
+                .zip(eps)
+                .map(|((m, lv), e)| m + std(*lv) * e)
                 .collect(),
-            None => mean,
+            (None, Some(g)) => mean
+                .iter()
+                .zip(&logvar)
+                .map(|(m, lv)| m + std(*lv) * g.next_f64() as f32)
+                .collect(),
+            (None, None) => mean,
         };
         Ok(to_channel_major(&lat, f, 4, hw, scale))
     };
-    let masked = encode(&chunk.masked)?;
-    let reference = encode(&chunk.reference)?;
+    let (given_masked, given_reference) = match vae_noise {
+        VaeNoise::Given { masked, reference } => (Some(masked), Some(reference)),
+        VaeNoise::Params => (None, None),
+    };
+    let masked = encode(chunk.masked, given_masked)?;
+    let reference = encode(chunk.reference, given_reference)?;
+    on_latents(&masked, &reference);
 
     // [noise 4 | mask 1 | masked 4 | reference 4] per batch item, each [C, F, h, w].
     let mask_lat = mask.latent();
@@ -442,10 +505,10 @@ fn denoise_chunk(
     let tokens = AUDIO_TOKENS * AUDIO_DIM;
     let audio = if cfg {
         let mut a = vec![0f32; f * tokens];
-        a.extend_from_slice(&chunk.audio);
+        a.extend_from_slice(chunk.audio);
         a
     } else {
-        chunk.audio.clone()
+        chunk.audio.to_vec()
     };
     // The steps run on the provider (guidance mix and DDIM update in its `ddim_step` graph).
     let latents = engine.denoise(
@@ -457,6 +520,7 @@ fn denoise_chunk(
         kinds,
         after_step,
     )?;
+    on_denoised(&latents);
     // [4, F, h, w] / scale -> [F, 4, h, w] -> decoder.
     let mut frames_first = vec![0f32; block];
     for c in 0..4 {
