@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mux stage throughput versus a bare `ffmpeg -i in -c:v libx264 -crf 18` re-encode of the
 # same clip, measured in the same run, for 720p and 1080p; then peak RSS of the mux
-# pipeline on a long 1080p clip (ping-pong past the end, so the frame spool is used).
+# pipeline on a long 1080p clip (ping-pong past the end, so backward windows are re-decoded).
 # The mux run does everything the stage does per frame: decode the original, decode the
 # 512 px crops, resize + inverse-warp + soft-mask blend, encode the result (crf 18,
 # preset medium, AAC) and the mask video.
