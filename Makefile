@@ -25,7 +25,7 @@ help:
 	@echo "make bench      run every executable in bench/ (scripts/bench.sh)"
 	@echo "make models     models/make_models.sh: download LatentSync weights (or CKPT_DIR), export ONNX + DeepCache graphs, lock file (python3 only, no Rust)"
 	@echo "make models-check  exporter check on the real architectures with random weights (no download)"
-	@echo "make parity     stage-by-stage parity against LatentSync's own code (LATENTSYNC_SRC at a229c39, the models-check export; torch; about 11 min on 2 cores, not in make test)"
+	@echo "make parity     stage-by-stage parity against LatentSync's own code (LATENTSYNC_SRC at a229c39, the models-check export; torch; about 13 min on 2 cores, not in make test)"
 	@echo "make gpu-check  stages/infer/gpu_check.sh: CUDA provider, ms per UNet step (exact/DeepCache, fp16/fp32), s per output second, VRAM"
 	@echo "make clean      cargo clean and local NATS data; make distclean also drops .venv and .local"
 

@@ -40,6 +40,13 @@ if [[ ! -f "$MODELS/manifest.lock.toml" ]]; then
     LATENTSYNC_SRC="$SRC" bash models/make_models.sh --random-weights --precision fp32
 fi
 [[ -x "$VENV/bin/python" ]] || die "$VENV missing (make models-check creates it)"
+if [[ ! -f "$MODELS/ddim_step.onnx" ]]; then
+    # an export from before the DDIM step graph: add it (no weights, no torch)
+    say "adding ddim_step.onnx to $MODELS"
+    "$VENV/bin/python" -W ignore models/export/export.py --profile latentsync-1.5 --precision fp32 \
+        --latentsync-src "$SRC" --out "$MODELS" --random-weights --only ddim_step \
+        --seed "$(sed -n 's/^seed = //p' "$MODELS/manifest.lock.toml")"
+fi
 if ! "$VENV/bin/python" -c 'import torch, diffusers, torchvision, kornia, cv2' 2>/dev/null; then
     say "installing ${PARITY_PKGS[*]} into $VENV"
     "$VENV/bin/pip" install -q "${PARITY_PKGS[@]}"
