@@ -410,11 +410,10 @@ def main(argv=None) -> int:
     rows.append(compare("VAE latents, masked (x0.18215)", ref.reshape(-1, lat, lat), got.reshape(-1, lat, lat), tol=close))
     ref, got = per_chunk("vae_reference.f32", rec["vae_ref"])
     rows.append(compare("VAE latents, reference (x0.18215)", ref.reshape(-1, lat, lat), got.reshape(-1, lat, lat), tol=close))
-    last = [s[1] for i, s in enumerate(rec["steps"]) if i % STEPS == STEPS - 1]
-    ref, got = per_chunk("denoised.f32", last)
-    rows.append(compare(f"latents after DDIM step {STEPS} of {STEPS}", ref.reshape(-1, lat, lat), got.reshape(-1, lat, lat), tol=close))
-    for j in range(STEPS - 1):
-        rows.append({"stage": f"latents after DDIM step {j + 1} of {STEPS}", "error": "not observable on our side"})
+    for j in range(STEPS):
+        after_j = [s[1] for i, s in enumerate(rec["steps"]) if i % STEPS == j]
+        ref, got = per_chunk(f"step{j + 1}.f32", after_j)
+        rows.append(compare(f"latents after DDIM step {j + 1} of {STEPS}", ref.reshape(-1, lat, lat), got.reshape(-1, lat, lat), tol=close))
     pasted_ref = torch_cat(rec["pasted"]).transpose(0, 2, 3, 1)
     pasted_ref = np.clip(pasted_ref / 2 + 0.5, 0, 1) * 255  # the reference's float face in 0..255
     rows.append(compare("decoded faces after paste-back (0..255)", pasted_ref, rd("pasted.u8", "u1", (n, RES, RES, 3)),

@@ -572,7 +572,9 @@ impl Engine {
     /// [`Ddim::coefficients`]). Per step only the timestep and the two coefficients (24
     /// bytes) go up; the last step writes the latents to host memory. `kinds` receives one
     /// letter per step (`E` exact, `F` full, `S` shallow); `after_step(i)` returning false
-    /// stops the loop with [`InferError::Stopped`].
+    /// stops the loop with [`InferError::Stopped`]. `observe(i, latents)`, when given, sees
+    /// the latents `[4, f, h, w]` after every step; it brings each step's output to the host,
+    /// so it is meant for comparisons (`make parity`), never for serving.
     ///
     /// # Errors
     /// A failed model run, a missing graph, or a stop.
@@ -586,8 +588,9 @@ impl Engine {
         guidance: f32,
         kinds: &mut String,
         after_step: &mut dyn FnMut(usize) -> bool,
+        mut observe: Option<StepObserver<'_>>,
     ) -> Result<Vec<f32>> {
-        let [b, _, f, _, _] = shape;
+        let [b, _, f, h, w] = shape;
         let tokens = audio.len() / (b * f * 384).max(1);
         let sample = Tensor::from_array((shape, sample))?.into_dyn();
         let audio = Tensor::from_array(([b * f, tokens, 384], audio))?;
@@ -668,6 +671,9 @@ impl Engine {
             let last = i + 1 == steps;
             if last {
                 step.bind_output_to_device("latents", &host)?;
+            } else if observe.is_some() {
+                // Observed (comparisons only): every step's output comes to the host.
+                step.bind_output_to_device("next_sample", &host)?;
             } else {
                 step.bind_output_to_device("next_sample", &self.device_memory)?;
             }
@@ -678,6 +684,11 @@ impl Engine {
                 .ok_or_else(|| InferError::Model("ddim_step gave no output".into()))?;
             drop(out);
             self.busy += start.elapsed();
+            if let Some(observe) = observe.as_mut() {
+                // Batch item 0's first four channels: the latents `[4, f, h, w]`.
+                let (_, values) = next.try_extract_tensor::<f32>()?;
+                observe(i, &values[..4 * f * h * w]);
+            }
             if !after_step(i) {
                 return Err(InferError::Stopped);
             }
@@ -724,6 +735,9 @@ impl Engine {
         self.unet_runs += 1;
     }
 }
+
+/// Sees the latents `[4, f, h, w]` after DDIM step `i` (see [`Engine::denoise`]).
+pub type StepObserver<'a> = &'a mut dyn FnMut(usize, &[f32]);
 
 /// Host memory, for values the host reads.
 fn host_memory() -> Result<MemoryInfo<'static>> {

@@ -372,7 +372,7 @@ fn denoise_all(
                     done += 1;
                     control.step(done, total_steps)
                 },
-                &mut |_| {},
+                None,
             )?;
             report.chunks_generated += 1;
             report.unet_schedule.push(kinds);
@@ -426,8 +426,8 @@ pub enum VaeNoise<'a> {
 /// decoded planar images `[F, 3, R, R]` (unclamped). `noise` is the `[4, h, w]` initial
 /// noise, repeated over the frames. `on_latents` sees the scaled masked and reference
 /// latents (`[4, F, h, w]` each), `after_step(i)` runs after each DDIM step (returning
-/// `false` stops with [`InferError::Stopped`]) and `on_denoised` sees the latents after
-/// the last step (`[4, F, h, w]`).
+/// `false` stops with [`InferError::Stopped`]) and `observe`, when given, sees the latents
+/// `[4, F, h, w]` after every step (see [`Engine::denoise`]: for comparisons only).
 ///
 /// # Errors
 /// A failed model run, or the stop.
@@ -443,7 +443,7 @@ pub fn denoise_chunk(
     kinds: &mut String,
     on_latents: &mut dyn FnMut(&[f32], &[f32]),
     after_step: &mut dyn FnMut(usize) -> bool,
-    on_denoised: &mut dyn FnMut(&[f32]),
+    observe: Option<crate::engine::StepObserver<'_>>,
 ) -> Result<Vec<f32>> {
     let f = chunk.frames;
     let r = params.geometry.resolution;
@@ -519,8 +519,8 @@ pub fn denoise_chunk(
         params.guidance as f32,
         kinds,
         after_step,
+        observe,
     )?;
-    on_denoised(&latents);
     // [4, F, h, w] / scale -> [F, 4, h, w] -> decoder.
     let mut frames_first = vec![0f32; block];
     for c in 0..4 {

@@ -151,6 +151,7 @@ fn same_as_the_host_loop(interval: u32, guidance: f32, f: usize, steps: u32, wan
                 seen.push(i);
                 true
             },
+            None,
         )
         .unwrap();
     assert_eq!(kinds, want_kinds);
@@ -212,6 +213,7 @@ fn a_stop_after_a_step_ends_the_loop() {
             1.5,
             &mut kinds,
             &mut |i| i < 3,
+            None,
         )
         .unwrap_err();
     assert!(matches!(err, InferError::Stopped), "{err}");

@@ -6,8 +6,8 @@
 //! parity audio DIR   pcm.f32 -> mel.f32, features.f32, chunks.f32, audio.json
 //! parity video DIR   frames.u8, anchors.f64, noise.f32, vae_eps_*.f32, chunks.f32 ->
 //!                    affine.f64, crops.u8, mask.f32, masked.f32, reference.f32,
-//!                    vae_masked.f32, vae_reference.f32, denoised.f32, pasted.u8,
-//!                    restored.u8 (our edge), restored_refedge.u8 (the reference's)
+//!                    vae_masked.f32, vae_reference.f32, step<i>.f32 (latents after
+//!                    DDIM step i), pasted.u8, restored.u8 (our edge), restored_refedge.u8 (the reference's)
 //! ```
 //!
 //! `DIR/config.json` names the model folder and the run's settings. Arrays are raw
@@ -244,7 +244,8 @@ fn video(cfg: &Config, dir: &Path) -> Result<()> {
     }
     let mut vae_masked = Vec::new();
     let mut vae_reference = Vec::new();
-    let mut denoised = Vec::new();
+    // Latents after each DDIM step, per chunk `[4, F, h, w]`, concatenated over the chunks.
+    let mut steps: Vec<Vec<f32>> = vec![Vec::new(); ddim.timesteps().len()];
     let mut pasted = Vec::with_capacity(n * g.frame_bytes());
     for (index, range) in chunk_ranges(n, cfg.frames_per_chunk)
         .into_iter()
@@ -276,7 +277,7 @@ fn video(cfg: &Config, dir: &Path) -> Result<()> {
                 vae_reference.extend_from_slice(rf);
             },
             &mut |_| true,
-            &mut |latents| denoised.extend_from_slice(latents),
+            Some(&mut |i, latents| steps[i].extend_from_slice(latents)),
         )?;
         let mut rgb = Vec::new();
         for (j, k) in range.enumerate() {
@@ -293,7 +294,9 @@ fn video(cfg: &Config, dir: &Path) -> Result<()> {
     // Latents are per chunk `[4, F, h, w]`, concatenated over the chunks.
     write_f32(&dir.join("vae_masked.f32"), &vae_masked)?;
     write_f32(&dir.join("vae_reference.f32"), &vae_reference)?;
-    write_f32(&dir.join("denoised.f32"), &denoised)?;
+    for (i, latents) in steps.iter().enumerate() {
+        write_f32(&dir.join(format!("step{}.f32", i + 1)), latents)?;
+    }
     std::fs::write(dir.join("pasted.u8"), &pasted)?;
 
     // Mux stage: paste the crop back into the frame, with our edge and the reference's.
