@@ -36,25 +36,8 @@ run_mux() {
         --track "$work/$1.json" --crops "$work/$1-crops.mkv" --audio "$work/$1.wav" \
         --frames "$2" --mode "$3" --out "$work/$1-result.mp4" --mask "$work/$1-mask.mp4" <<'PY'
 import os, subprocess, sys, time
-def tree_rss(root):
-    kids = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            kids.setdefault(ppid, []).append(int(pid))
-        except (OSError, IndexError, ValueError):
-            pass
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        todo += kids.get(pid, [])
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                total += next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            pass
-    return total
+sys.path.insert(0, "bench")
+from procs import tree_rss
 p = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, text=True)
 peak = 0
 while p.poll() is None:

@@ -42,30 +42,13 @@ TMPDIR="$work/tmp" LIPSYNC_LOG__FILTER=error python3 - "$work" "$vs" "$as" "$w" 
     --crops "$work/in/crops.mkv" --audio "$work/in/a.wav" --frames "$frames" --mode pingpong \
     --out "$work/out/result.mp4" --mask "$work/out/mask.mp4" <<'PY'
 import os, re, subprocess, sys, time
+sys.path.insert(0, "bench")
+from procs import tree_rss
 work, vs, aus, w, h = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 cmd = sys.argv[6:]
 outputs = {os.path.join(work, "out", n) for n in ("result.mp4", "mask.mp4")}
 inputs = os.path.join(work, "in")
 
-def tree_rss(root):
-    kids = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            kids.setdefault(ppid, []).append(int(pid))
-        except (OSError, IndexError, ValueError):
-            pass
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        todo += kids.get(pid, [])
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                total += next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            pass
-    return total
 
 def scratch_bytes():
     total = 0
