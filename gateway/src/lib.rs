@@ -47,7 +47,7 @@ use anyhow::Context;
 use async_nats::jetstream::{self, kv};
 use axum::Router;
 use lipsync_netguard::{PolicySettings, UrlPolicy};
-use lipsync_runtime::artifacts::{ArtifactStore, NatsArtifacts};
+use lipsync_runtime::artifacts::ArtifactStore;
 use lipsync_runtime::config::GatewayConfig;
 use lipsync_runtime::{Config, TaskStore};
 use lipsync_schemas::TaskRecord;
@@ -159,10 +159,7 @@ impl AppState {
             },
             tasks: TaskStore::new(topo.tasks.clone()),
             idempotency: topo.idempotency.clone(),
-            artifacts: Arc::new(
-                NatsArtifacts::from_topology(&topo)
-                    .with_admission_reserve(cfg.artifacts.admission_reserve_bytes),
-            ),
+            artifacts: lipsync_runtime::artifacts::open(&cfg.artifacts, &topo)?,
             js: topo.js.clone(),
             client,
             index: index.clone(),

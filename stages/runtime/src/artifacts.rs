@@ -109,6 +109,35 @@ impl StoreUsage {
     }
 }
 
+mod s3;
+pub use s3::{MIN_PART_SIZE, S3Artifacts};
+
+/// What a presigned URL lets its holder do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presign {
+    /// Download the object.
+    Get,
+    /// Upload (replace) the object with one `PUT`.
+    Put,
+}
+
+/// The artifact store `cfg.backend` names: the JetStream object store of `topo`, or the
+/// S3-compatible bucket of `cfg.s3`.
+///
+/// # Errors
+/// An invalid `artifacts.s3` section (see [`S3Artifacts::from_config`]).
+pub fn open(
+    cfg: &crate::config::ArtifactsConfig,
+    topo: &crate::nats::Topology,
+) -> anyhow::Result<Arc<dyn ArtifactStore>> {
+    Ok(match cfg.backend {
+        crate::config::ArtifactBackend::Nats => Arc::new(
+            NatsArtifacts::from_topology(topo).with_admission_reserve(cfg.admission_reserve_bytes),
+        ),
+        crate::config::ArtifactBackend::S3 => Arc::new(S3Artifacts::from_config(&cfg.s3)?),
+    })
+}
+
 /// A boxed streaming reader.
 pub type ArtifactReader = Pin<Box<dyn AsyncRead + Send>>;
 
@@ -147,6 +176,27 @@ pub trait ArtifactStore: Send + Sync + 'static {
     /// How full the store is; `None` when the backend cannot tell.
     async fn usage(&self) -> Result<Option<StoreUsage>, ArtifactError> {
         Ok(None)
+    }
+
+    /// A presigned URL for one request on `key` and how long it stays valid; `None`
+    /// where the backend has no such links (the JetStream object store).
+    async fn presign(
+        &self,
+        _what: Presign,
+        _key: &str,
+    ) -> Result<Option<(url::Url, Duration)>, ArtifactError> {
+        Ok(None)
+    }
+
+    /// Delete artifacts older than `older_than`; returns how many. Backends whose
+    /// storage expires by itself (the object store's stream age limit) do nothing.
+    async fn sweep(&self, _older_than: Duration) -> Result<u64, ArtifactError> {
+        Ok(0)
+    }
+
+    /// The backend's name as in `artifacts.backend`.
+    fn backend(&self) -> &'static str {
+        "nats"
     }
 
     /// Store a local file.

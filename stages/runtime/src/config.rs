@@ -35,6 +35,8 @@ pub struct Config {
     pub artifacts: ArtifactsConfig,
     /// Task records.
     pub tasks: TasksConfig,
+    /// How results are served.
+    pub outputs: OutputsConfig,
     /// Fetch stage.
     pub fetch: FetchConfig,
     /// HTTP gateway.
@@ -262,6 +264,12 @@ pub struct ArtifactsConfig {
     pub admission_reserve_bytes: u64,
     /// Local scratch directory for stages (temp files). Default: the system temp dir.
     pub scratch_dir: Option<PathBuf>,
+    /// Where media lives: `nats` (the JetStream object store, embedded, the default) or
+    /// `s3` (an S3-compatible bucket, `artifacts.s3.*`). Task records and work messages
+    /// stay in NATS either way.
+    pub backend: ArtifactBackend,
+    /// The S3-compatible bucket used when `backend = "s3"`.
+    pub s3: S3Config,
 }
 
 impl Default for ArtifactsConfig {
@@ -271,8 +279,142 @@ impl Default for ArtifactsConfig {
             max_bytes: 16 << 30,
             admission_reserve_bytes: 256 << 20,
             scratch_dir: None,
+            backend: ArtifactBackend::Nats,
+            s3: S3Config::default(),
         }
     }
+}
+
+/// Which artifact backend holds the media.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArtifactBackend {
+    /// The JetStream object store of the NATS servers.
+    #[default]
+    Nats,
+    /// An S3-compatible bucket.
+    S3,
+}
+
+/// An S3-compatible bucket (`artifacts.s3.*`). Credentials come from `access_key_id` /
+/// `secret_access_key` / `session_token` (best set through `LIPSYNC_ARTIFACTS__S3__*`
+/// environment variables), else from the `*_file` keys (files holding the value), else
+/// from the standard `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`
+/// environment variables. They are never printed: `--print-config` redacts them and the
+/// `Debug` form leaves them out.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Endpoint URL of a self-hosted or non-AWS server, e.g. `http://127.0.0.1:9000`;
+    /// empty for AWS itself. An `http://` endpoint allows plain HTTP. Default empty.
+    pub endpoint: String,
+    /// Bucket name (required with `backend = "s3"`; it must exist). Default empty.
+    pub bucket: String,
+    /// Region. Default `us-east-1`.
+    pub region: String,
+    /// Key prefix inside the bucket (`<prefix>/<task_id>/<name>`), so one bucket can
+    /// serve several deployments. Default empty.
+    pub prefix: String,
+    /// Path-style addressing (`<endpoint>/<bucket>/<key>`), as most self-hosted servers
+    /// need; false for virtual-hosted style (`<bucket>.<endpoint>/<key>`). Default true.
+    pub path_style: bool,
+    /// Access key id. Default empty (then `access_key_id_file`, then `AWS_ACCESS_KEY_ID`).
+    pub access_key_id: String,
+    /// File holding the access key id. Default none.
+    pub access_key_id_file: Option<PathBuf>,
+    /// Secret access key. Default empty (then `secret_access_key_file`, then
+    /// `AWS_SECRET_ACCESS_KEY`).
+    pub secret_access_key: String,
+    /// File holding the secret access key. Default none.
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Session token of temporary credentials. Default empty (then `session_token_file`,
+    /// then `AWS_SESSION_TOKEN`).
+    pub session_token: String,
+    /// File holding the session token. Default none.
+    pub session_token_file: Option<PathBuf>,
+    /// Objects of at least this many bytes are uploaded in parts of this size (multipart
+    /// upload, S3's minimum is 5 MiB); smaller ones in one request. Default 8 MiB.
+    pub part_size_bytes: u64,
+    /// Parts uploaded at once per upload; memory per upload is about
+    /// `(upload_concurrency + 1) * part_size_bytes`. Default 4.
+    pub upload_concurrency: usize,
+    /// Retries of one failed request (connection refused or reset, 5xx, throttling),
+    /// with exponential backoff. Default 10.
+    pub max_retries: usize,
+    /// Give up retrying a request after this many seconds. Default 180.
+    pub retry_timeout_s: u64,
+    /// Timeout of one request in seconds (a part upload, a read chunk). Default 300.
+    pub request_timeout_s: u64,
+    /// Lifetime of presigned URLs (`outputs.presign`, `POST /uploads`) in seconds.
+    /// Default 3600.
+    pub presign_expiry_s: u64,
+    /// Every this many seconds the gateway deletes objects under the prefix older than
+    /// `artifacts.ttl_s` (the retention sweep); 0 turns it off when the bucket's own
+    /// lifecycle rules expire objects (see docs/storage.md). Default 3600.
+    pub sweep_interval_s: u64,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            bucket: String::new(),
+            region: "us-east-1".into(),
+            prefix: String::new(),
+            path_style: true,
+            access_key_id: String::new(),
+            access_key_id_file: None,
+            secret_access_key: String::new(),
+            secret_access_key_file: None,
+            session_token: String::new(),
+            session_token_file: None,
+            part_size_bytes: 8 << 20,
+            upload_concurrency: 4,
+            max_retries: 10,
+            retry_timeout_s: 180,
+            request_timeout_s: 300,
+            presign_expiry_s: 3600,
+            sweep_interval_s: 3600,
+        }
+    }
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |s: &str| if s.is_empty() { "" } else { REDACTED };
+        f.debug_struct("S3Config")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("prefix", &self.prefix)
+            .field("path_style", &self.path_style)
+            .field("access_key_id", &set(&self.access_key_id))
+            .field("access_key_id_file", &self.access_key_id_file)
+            .field("secret_access_key", &set(&self.secret_access_key))
+            .field("secret_access_key_file", &self.secret_access_key_file)
+            .field("session_token", &set(&self.session_token))
+            .field("session_token_file", &self.session_token_file)
+            .field("part_size_bytes", &self.part_size_bytes)
+            .field("upload_concurrency", &self.upload_concurrency)
+            .field("max_retries", &self.max_retries)
+            .field("retry_timeout_s", &self.retry_timeout_s)
+            .field("request_timeout_s", &self.request_timeout_s)
+            .field("presign_expiry_s", &self.presign_expiry_s)
+            .field("sweep_interval_s", &self.sweep_interval_s)
+            .finish()
+    }
+}
+
+/// How the gateway serves results (`GET /outputs/...`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputsConfig {
+    /// With the `s3` backend, answer `GET /outputs/{task_id}/{file}` with a 307 redirect
+    /// to a presigned GET URL of the object (valid `artifacts.s3.presign_expiry_s`), so
+    /// result bytes come from the bucket (or a CDN in front of it) instead of through the
+    /// gateway. The task record's `output_video_url` stays the same relative path.
+    /// Ignored with the `nats` backend. Default false.
+    pub presign: bool,
 }
 
 /// Task record settings.
@@ -648,6 +790,7 @@ fn secret_key(k: &str) -> bool {
     !k.ends_with("_file")
         && (k == "key"
             || k == "api_keys"
+            || k == "access_key_id"
             || k.starts_with("key_")
             || ["secret", "password", "token"]
                 .iter()

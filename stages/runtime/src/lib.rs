@@ -26,7 +26,7 @@ use std::sync::Arc;
 use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 
-pub use artifacts::{ArtifactError, ArtifactMeta, ArtifactStore, NatsArtifacts};
+pub use artifacts::{ArtifactError, ArtifactMeta, ArtifactStore, NatsArtifacts, S3Artifacts};
 pub use config::{Config, ConfigArgs};
 pub use errors::StageError;
 pub use runner::{Blocking, Handler, JobCtx, JobError, Outcome, Runner, publish_work};
@@ -129,7 +129,7 @@ pub async fn start_stage<H: Handler>(
         });
     }
 
-    let artifacts: Arc<dyn ArtifactStore> = Arc::new(NatsArtifacts::from_topology(&topo));
+    let artifacts = artifacts::open(&cfg.artifacts, &topo)?;
     let tasks = TaskStore::new(topo.tasks.clone());
     tokio::spawn(reaper::run(
         topo.js.clone(),
