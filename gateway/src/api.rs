@@ -20,15 +20,28 @@ pub const MIN_GUIDANCE: f64 = 1.0;
 /// Highest accepted `guidance_scale`.
 pub const MAX_GUIDANCE: f64 = 5.0;
 
-/// `POST /sync` JSON body (the seed's fields plus `webhook_url`).
+/// `POST /sync` JSON body (the seed's fields plus `webhook_url`, direct uploads and
+/// `output_upload_url`). Each input is given by exactly one of its URL and its upload id.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct SyncRequest {
-    /// http(s) URL of the video whose mouth is re-rendered.
-    #[schema(example = "https://example.com/video.mp4")]
-    pub video_url: String,
-    /// http(s) URL of the audio (any media with an audio stream).
-    #[schema(example = "https://example.com/audio.wav")]
-    pub audio_url: String,
+    /// http(s) URL of the video whose mouth is re-rendered (or give `video_upload_id`).
+    #[serde(default)]
+    #[schema(example = "https://example.com/video.mp4", nullable)]
+    pub video_url: Option<String>,
+    /// http(s) URL of the audio, any media with an audio stream (or give
+    /// `audio_upload_id`).
+    #[serde(default)]
+    #[schema(example = "https://example.com/audio.wav", nullable)]
+    pub audio_url: Option<String>,
+    /// Instead of `video_url`: the `upload_id` of a `POST /uploads` whose URL the video
+    /// was PUT to (same tenant; each upload serves one task).
+    #[serde(default)]
+    #[schema(nullable)]
+    pub video_upload_id: Option<String>,
+    /// Instead of `audio_url`: the `upload_id` of an uploaded audio.
+    #[serde(default)]
+    #[schema(nullable)]
+    pub audio_upload_id: Option<String>,
     /// Name of a model the server has configured (see `GET /docs`); default: the first
     /// configured model. File paths are never opened.
     #[serde(default)]
@@ -50,6 +63,13 @@ pub struct SyncRequest {
     #[serde(default)]
     #[schema(nullable)]
     pub webhook_url: Option<String>,
+    /// An http(s) URL (e.g. a presigned S3 PUT URL) the result video is PUT to once it is
+    /// stored, checked like `video_url`. The task fails with `output_upload_failed` when
+    /// it cannot be uploaded after retries; the result stays downloadable either way.
+    /// Never shown back with its query string.
+    #[serde(default)]
+    #[schema(nullable)]
+    pub output_upload_url: Option<String>,
 }
 
 /// `POST /sync` multipart body: files instead of URLs.
@@ -75,6 +95,48 @@ pub struct SyncUpload {
     pub seed: Option<u64>,
     /// As in the JSON body.
     pub webhook_url: Option<String>,
+    /// As in the JSON body.
+    pub output_upload_url: Option<String>,
+}
+
+/// What a direct upload will hold (informational; echoed back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UploadKind {
+    /// A video input (`video_upload_id`).
+    Video,
+    /// An audio input (`audio_upload_id`).
+    Audio,
+}
+
+/// `POST /uploads` JSON body (optional: an empty body is the same as `{}`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+pub struct UploadRequest {
+    /// What the upload is for; informational, echoed in the answer.
+    #[serde(default)]
+    #[schema(nullable)]
+    pub kind: Option<UploadKind>,
+}
+
+/// `POST /uploads` answer: where to PUT the file, then pass `upload_id` to `POST /sync`
+/// as `video_upload_id` or `audio_upload_id`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UploadResponse {
+    /// The upload's id (UUID v4), valid for this tenant only.
+    pub upload_id: String,
+    /// Presigned URL to send the file's bytes to with one `PUT` (body = the file, no
+    /// multipart); no API key needed. Treat it as a secret.
+    pub upload_url: String,
+    /// Always `PUT`.
+    pub method: String,
+    /// Seconds the URL stays valid.
+    pub expires_in_s: u64,
+    /// Largest file a task accepts (`fetch.max_bytes`); a larger upload fails the task
+    /// with `input_too_large`.
+    pub max_bytes: u64,
+    /// The `kind` of the request, if given.
+    #[schema(nullable)]
+    pub kind: Option<UploadKind>,
 }
 
 /// `POST /sync` answer.
@@ -150,6 +212,11 @@ pub struct RequestView {
     /// Webhook target, if any.
     #[schema(nullable)]
     pub webhook_url: Option<String>,
+    /// The `output_upload_url` as `scheme://host/path`, without its query (where a
+    /// presigned URL's signature is), or null when none was given.
+    #[serde(default)]
+    #[schema(nullable)]
+    pub output_upload_url: Option<String>,
 }
 
 /// A task as served by `GET /task/{task_id}`, the WebSockets and webhooks.
@@ -185,12 +252,18 @@ pub struct TaskView {
     /// End time, epoch seconds.
     #[schema(nullable)]
     pub end_time: Option<f64>,
-    /// `/outputs/{task_id}/result.mp4` once completed.
+    /// `/outputs/{task_id}/result.mp4` once completed (also on a task that failed with
+    /// `output_upload_failed`: its result was stored).
     #[schema(nullable)]
     pub output_video_url: Option<String>,
-    /// `/outputs/{task_id}/mask.mp4` once completed.
+    /// `/outputs/{task_id}/mask.mp4` once completed (as `output_video_url`).
     #[schema(nullable)]
     pub output_mask_url: Option<String>,
+    /// With an `output_upload_url`: true once the result was uploaded there, false when
+    /// every try failed; null without one (or before the upload).
+    #[serde(default)]
+    #[schema(nullable)]
+    pub output_uploaded: Option<bool>,
     /// Set when `status` is `failed`.
     #[schema(nullable)]
     pub error: Option<TaskErrorView>,
@@ -224,6 +297,7 @@ impl TaskView {
             end_time: r.end_time,
             output_video_url: r.output_video_url.clone(),
             output_mask_url: r.output_mask_url.clone(),
+            output_uploaded: r.output_uploaded,
             error: r.error.as_ref().map(|e| TaskErrorView {
                 code: e.code.as_str().to_owned(),
                 message: e.message.clone(),
@@ -239,6 +313,11 @@ impl TaskView {
                 guidance_scale: r.request.guidance_scale,
                 seed: r.request.seed,
                 webhook_url: r.request.webhook_url.clone(),
+                output_upload_url: r
+                    .request
+                    .output_upload_url
+                    .as_deref()
+                    .and_then(lipsync_schemas::redact_url),
             },
             warnings: r.warnings.clone(),
             stages: r

@@ -35,7 +35,11 @@ const DESCRIPTION: &str = "Self-hosted lip-sync service (LatentSync). Submit a v
 audio with `POST /sync`, follow the task with `GET /task/{task_id}` (or the WebSocket \
 `GET /task/{task_id}/ws`, which sends the task record at once and on every change and \
 closes after `completed`/`failed`; `GET /ws` streams progress events of all tasks), and \
-download `output_video_url`.\n\n\
+download `output_video_url`. Inputs are URLs, files (multipart `POST /sync`) or, on \
+servers with the s3 artifact backend, direct uploads: `POST /uploads` gives a presigned \
+`PUT` URL and an `upload_id` to pass as `video_upload_id` / `audio_upload_id`. \
+`output_upload_url` (e.g. a presigned PUT URL of your own bucket) receives the result \
+video when it is ready; it is never shown back with its query.\n\n\
 Errors are JSON `{\"error\": {\"code\", \"message\"}}`. Unknown request fields are ignored. \
 When the server has API keys configured, send `Authorization: Bearer <key>` (the \
 `bearer` security scheme; WebSocket routes also accept `?access_token=<key>`, no other route \
@@ -54,6 +58,7 @@ Webhooks: `webhook_url` receives a POST of the final task record with headers \
     info(title = "lipsync", description = DESCRIPTION, license(name = "Apache-2.0")),
     paths(
         crate::submit::sync,
+        crate::uploads::create,
         crate::tasks::list_tasks,
         crate::tasks::get_task,
         crate::tasks::cancel_task,
@@ -162,9 +167,24 @@ pub fn openapi_for(gw: &GatewayConfig) -> Value {
             w["type"] = json!(["string", "null"]);
             props["webhook_url"] = w;
         }
+        let mut nullable_url = url.clone();
+        nullable_url["type"] = json!(["string", "null"]);
+        let described = |mut v: Value, old: &Value| {
+            if let Some(d) = old.get("description") {
+                v["description"] = d.clone();
+            }
+            v
+        };
+        props["output_upload_url"] = described(nullable_url.clone(), &props["output_upload_url"]);
         if schema == "SyncRequest" {
-            props["video_url"] = url.clone();
-            props["audio_url"] = url.clone();
+            props["video_url"] = described(nullable_url.clone(), &props["video_url"]);
+            props["audio_url"] = described(nullable_url.clone(), &props["audio_url"]);
+            for id in ["video_upload_id", "audio_upload_id"] {
+                props[id] = described(
+                    json!({"type": ["string", "null"], "format": "uuid"}),
+                    &props[id],
+                );
+            }
         }
     }
     doc

@@ -45,6 +45,11 @@ pub enum ApiErrorCode {
     QueueFull,
     /// The media store is full (`artifacts.max_bytes`); see Retry-After.
     StorageFull,
+    /// Direct uploads (`POST /uploads`, `*_upload_id`) need the `s3` artifact backend.
+    UploadsUnavailable,
+    /// No upload with this id (never created, not uploaded yet, another tenant's,
+    /// expired or already used by a task).
+    UploadNotFound,
     /// A backend (NATS) is unavailable; try again later.
     Unavailable,
     /// The request took too long.
@@ -124,6 +129,12 @@ pub enum ApiError {
     /// Media store full.
     #[error("the media store is full, retry later")]
     StorageFull,
+    /// Direct uploads are not available on this server.
+    #[error("{0}")]
+    UploadsUnavailable(String),
+    /// Unknown or unusable upload id.
+    #[error("{0}")]
+    UploadNotFound(String),
     /// Backend down; the cause is logged.
     #[error("service temporarily unavailable")]
     Unavailable(String),
@@ -159,6 +170,8 @@ impl ApiError {
             ApiError::RateLimited { .. } => ApiErrorCode::RateLimited,
             ApiError::QueueFull { .. } => ApiErrorCode::QueueFull,
             ApiError::StorageFull => ApiErrorCode::StorageFull,
+            ApiError::UploadsUnavailable(_) => ApiErrorCode::UploadsUnavailable,
+            ApiError::UploadNotFound(_) => ApiErrorCode::UploadNotFound,
             ApiError::Unavailable(_) => ApiErrorCode::Unavailable,
             ApiError::Timeout => ApiErrorCode::Timeout,
             ApiError::Internal(_) => ApiErrorCode::Internal,
@@ -169,9 +182,9 @@ impl ApiError {
     pub fn status_code(&self) -> StatusCode {
         match self.code() {
             ApiErrorCode::InvalidJson => StatusCode::BAD_REQUEST,
-            ApiErrorCode::InvalidRequest | ApiErrorCode::UrlNotAllowed => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            ApiErrorCode::InvalidRequest
+            | ApiErrorCode::UrlNotAllowed
+            | ApiErrorCode::UploadNotFound => StatusCode::UNPROCESSABLE_ENTITY,
             ApiErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiErrorCode::NotFound => StatusCode::NOT_FOUND,
             ApiErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -179,7 +192,9 @@ impl ApiError {
             ApiErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ApiErrorCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             ApiErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            ApiErrorCode::IdempotencyConflict | ApiErrorCode::TaskFinished => StatusCode::CONFLICT,
+            ApiErrorCode::IdempotencyConflict
+            | ApiErrorCode::TaskFinished
+            | ApiErrorCode::UploadsUnavailable => StatusCode::CONFLICT,
             ApiErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiErrorCode::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -302,6 +317,9 @@ mod tests {
             ApiError::RangeNotSatisfiable { size: 1 },
             ApiError::RateLimited { retry_after_s: 1 },
             ApiError::QueueFull { retry_after_s: 1 },
+            ApiError::StorageFull,
+            ApiError::UploadsUnavailable(String::new()),
+            ApiError::UploadNotFound(String::new()),
             ApiError::Unavailable(String::new()),
             ApiError::Timeout,
             ApiError::Internal(String::new()),

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::api::{
     HealthResponse, ProgressEventView, QueueResponse, QueuedTask, ReadyResponse, SyncResponse,
-    TaskList, TaskView,
+    TaskList, TaskView, UploadKind, UploadResponse,
 };
 use crate::error::ApiError;
 
@@ -42,6 +42,7 @@ impl Samples {
             guidance_scale: 1.5,
             seed: Some(1),
             webhook_url: None,
+            output_upload_url: None,
         };
         let queued = TaskRecord::new(
             TASK_ID.into(),
@@ -178,6 +179,9 @@ pub(crate) fn add(doc: &mut Value, gw: &GatewayConfig) {
 }
 
 fn request_example(id: &str, content_type: &str, gw: &GatewayConfig, model: &str) -> Option<Value> {
+    if id == "create_upload" && content_type == "application/json" {
+        return Some(json!({"kind": "video"}));
+    }
     if id != "submit_sync" {
         return None;
     }
@@ -212,6 +216,17 @@ fn response_example(id: &str, status: u16, content_type: &str, s: &Samples) -> O
             queue_position: Some(2),
             status: "queued".into(),
             message: "task queued".into(),
+        }),
+        ("create_upload", 201) => to_json(&UploadResponse {
+            upload_id: "9b2e4f6a-1c3d-4e5f-8a7b-6c5d4e3f2a1b".into(),
+            upload_url: "https://bucket.s3.example.com/lipsync/uploads/acme/\
+                9b2e4f6a-1c3d-4e5f-8a7b-6c5d4e3f2a1b?X-Amz-Algorithm=AWS4-HMAC-SHA256&\
+                X-Amz-Expires=3600&X-Amz-Signature=..."
+                .into(),
+            method: "PUT".into(),
+            expires_in_s: 3600,
+            max_bytes: 2 << 30,
+            kind: Some(UploadKind::Video),
         }),
         ("get_task", 200) => Samples::view(&s.processing, None),
         ("cancel_task", 200) => Samples::view(&s.cancelled, None),
@@ -277,6 +292,12 @@ fn error_example(id: &str, status: u16) -> ApiError {
             "this Idempotency-Key was used with a different body".into(),
         ),
         ("cancel_task", 409) => ApiError::TaskFinished,
+        ("create_upload", 409) => ApiError::UploadsUnavailable(
+            "direct uploads need the s3 artifact backend (artifacts.backend = \"s3\")".into(),
+        ),
+        ("create_upload", 400) => ApiError::InvalidJson(
+            "body is not valid JSON: expected value at line 1 column 1".into(),
+        ),
         ("submit_sync", 413) => ApiError::PayloadTooLarge { limit: 2 << 30 },
         ("submit_sync", 415) => ApiError::UnsupportedMediaType(
             "Content-Type must be application/json or multipart/form-data".into(),
@@ -355,8 +376,9 @@ fn webhooks(s: &Samples) -> Value {
 mod tests {
     use super::*;
 
-    const OPERATIONS: [&str; 14] = [
+    const OPERATIONS: [&str; 15] = [
         "cancel_task",
+        "create_upload",
         "get_health",
         "get_liveness",
         "get_metrics",

@@ -416,6 +416,7 @@ mod tests {
                 guidance_scale: 1.0,
                 seed: None,
                 webhook_url: None,
+                output_upload_url: None,
             },
             t,
             String::new(),

@@ -1,6 +1,8 @@
 //! lipsync HTTP gateway: the seed-compatible REST API (`POST /sync`, `GET /task/{id}`,
 //! `GET /queue`, `GET /outputs/{id}/{file}`), WebSocket progress, cancellation,
-//! idempotency, uploads, signed webhooks, metrics and the OpenAPI docs (docs/architecture.md §5-§6).
+//! idempotency, uploads (multipart, or direct to the bucket with `POST /uploads`), signed
+//! webhooks, metrics and the OpenAPI docs (docs/architecture.md §5-§6). With the `s3`
+//! artifact backend it also runs the retention sweep (`artifacts.s3.sweep_interval_s`).
 //!
 //! It produces `lipsync.work.fetch` (one `FetchJob` per accepted task) and reads/writes
 //! the KV buckets `lipsync_tasks` and `lipsync_idempotency` and the object store
@@ -14,7 +16,7 @@
 //!   ids and access log, concurrency limit, timeouts, metrics, CORS) are put together;
 //! - `server`: the connection loop (header-read and idle timeouts, connection cap);
 //! - `tasks`, `health`, `submit` (JSON intake, upload, idempotency, validation),
-//!   `outputs`, `ws`: handlers; `auth`: tenants, API keys and rate limits;
+//!   `outputs`, `uploads`, `ws`: handlers; `auth`: tenants, API keys and rate limits;
 //! - `metrics`, `webhook`, `docs`: what their names say.
 //!
 //! Handlers share the task helpers of [`AppState`]: [`AppState::load`] (index, else
@@ -36,6 +38,7 @@ mod router;
 mod server;
 mod submit;
 mod tasks;
+mod uploads;
 mod webhook;
 mod ws;
 
@@ -76,6 +79,10 @@ pub struct Inner {
     pub(crate) metrics: metrics::GatewayMetrics,
     pub(crate) policy: UrlPolicy,
     pub(crate) webhook_policy: UrlPolicy,
+    /// `outputs.presign`: redirect output downloads to presigned URLs (s3 only).
+    pub(crate) outputs_presign: bool,
+    /// `fetch.max_bytes`: told to direct-upload clients.
+    pub(crate) fetch_max_bytes: u64,
     pub(crate) auth: auth::Auth,
     pub(crate) requests: Arc<tokio::sync::Semaphore>,
     pub(crate) ws: ws::Sockets,
@@ -166,6 +173,8 @@ impl AppState {
             metrics,
             policy,
             webhook_policy,
+            outputs_presign: cfg.outputs.presign,
+            fetch_max_bytes: cfg.fetch.max_bytes,
             auth,
             requests: Arc::new(tokio::sync::Semaphore::new(
                 cfg.gateway.max_concurrent_requests.max(1),
@@ -174,6 +183,14 @@ impl AppState {
             stages: health::StageLiveness::default(),
             shutdown: shutdown.clone(),
         }));
+        if state.artifacts.backend() == "s3" && cfg.artifacts.s3.sweep_interval_s > 0 {
+            tokio::spawn(sweep_loop(
+                state.artifacts.clone(),
+                Duration::from_secs(cfg.artifacts.ttl_s),
+                Duration::from_secs(cfg.artifacts.s3.sweep_interval_s),
+                shutdown.clone(),
+            ));
+        }
         let hooks = webhook::Webhooks::new(&state)?;
         let watch_state = state.clone();
         tokio::spawn(index.run_watch(topo.tasks, shutdown, move |rec| {
@@ -183,6 +200,37 @@ impl AppState {
             }
         }));
         Ok(state)
+    }
+}
+
+/// The retention sweep of the s3 backend: every `every` (the first one after `every`),
+/// delete the objects older than `ttl`. Errors are logged and the next round runs as
+/// planned; stops on `shutdown`.
+async fn sweep_loop(
+    artifacts: Arc<dyn ArtifactStore>,
+    ttl: Duration,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let round = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = artifacts.sweep(ttl) => r,
+        };
+        match round {
+            Ok(n) => tracing::info!(
+                deleted = n,
+                older_than_s = ttl.as_secs(),
+                "artifact retention sweep"
+            ),
+            Err(e) => tracing::warn!(error = %e, "artifact retention sweep failed"),
+        }
     }
 }
 

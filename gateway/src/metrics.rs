@@ -253,6 +253,7 @@ mod tests {
                 guidance_scale: 1.0,
                 seed: None,
                 webhook_url: None,
+                output_upload_url: None,
             },
             end_time - 1.0,
             String::new(),

@@ -6,12 +6,17 @@
 //! the key is built from the validated id and that fixed name, so no path can escape.
 //! A range is read from the chunks that hold it (the artifact store's ranged read), never
 //! from byte 0; multi-range requests get the whole file (RFC 9110 allows it).
+//!
+//! With `outputs.presign = true` and the `s3` backend the route answers, after the same
+//! checks, 307 Temporary Redirect to a presigned GET URL of the object (`Cache-Control:
+//! no-store`: the URL expires), so the bytes (and ranges) come from the bucket.
 
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use lipsync_runtime::artifacts::Presign;
 use lipsync_schemas::names;
 use tokio::io::AsyncReadExt;
 use tokio_util::io::ReaderStream;
@@ -76,6 +81,8 @@ pub(crate) fn parse_range(value: &str, size: u64) -> std::result::Result<Option<
         (status = 200, description = "The whole video", content_type = "video/mp4", body = Vec<u8>),
         (status = 206, description = "A byte range", content_type = "video/mp4", body = Vec<u8>),
         (status = 304, description = "Not modified (If-None-Match)"),
+        (status = 307, description = "With `outputs.presign` on the s3 backend: the video is at the presigned URL in `Location` (valid `artifacts.s3.presign_expiry_s`; Range works there)",
+            headers(("Location" = String, description = "Presigned GET URL of the video"))),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "Unknown task (or another tenant's), file not produced (yet) or expired", body = ErrorBody),
         (status = 416, description = "Range not satisfiable", body = ErrorBody),
@@ -104,6 +111,8 @@ pub(crate) async fn output(
         (status = 200, description = "The whole video", content_type = "video/mp4", body = Vec<u8>),
         (status = 206, description = "A byte range", content_type = "video/mp4", body = Vec<u8>),
         (status = 304, description = "Not modified (If-None-Match)"),
+        (status = 307, description = "With `outputs.presign` on the s3 backend: the video is at the presigned URL in `Location`",
+            headers(("Location" = String, description = "Presigned GET URL of the video"))),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "Unknown task (or another tenant's) or no result (yet)", body = ErrorBody),
         (status = 416, description = "Range not satisfiable", body = ErrorBody),
@@ -145,6 +154,11 @@ async fn serve(
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?
         .ok_or_else(not_found)?;
+    if state.outputs_presign
+        && let Some(resp) = redirect(state, &key).await?
+    {
+        return Ok(resp);
+    }
     let etag = match &meta.digest {
         Some(d) => format!("\"{}\"", d.replace('"', "")),
         None => format!(
@@ -200,6 +214,30 @@ async fn serve(
     }
     resp.body(body)
         .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// 307 to a presigned GET URL of `key`, when the backend has such URLs.
+async fn redirect(state: &AppState, key: &str) -> Result<Option<Response>> {
+    let Some((url, _)) = state
+        .artifacts
+        .presign(Presign::Get, key)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+    else {
+        return Ok(None);
+    };
+    let location =
+        HeaderValue::from_str(url.as_str()).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Some(
+        (
+            StatusCode::TEMPORARY_REDIRECT,
+            [
+                (header::LOCATION, location),
+                (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            ],
+        )
+            .into_response(),
+    ))
 }
 
 #[cfg(test)]

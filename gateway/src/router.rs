@@ -31,6 +31,7 @@ pub(crate) fn router(state: AppState) -> Router {
             "/sync",
             post(crate::submit::sync).layer(DefaultBodyLimit::disable()),
         )
+        .route("/uploads", post(crate::uploads::create))
         .route("/tasks", get(crate::tasks::list_tasks))
         .route(
             "/task/{task_id}",

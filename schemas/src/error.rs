@@ -32,6 +32,9 @@ pub enum ErrorCode {
     InferenceFailed,
     /// Encoding or muxing the result failed.
     EncodeFailed,
+    /// The result could not be uploaded to the client's `output_upload_url` (it stays
+    /// downloadable from `/outputs`).
+    OutputUploadFailed,
     /// The client cancelled the task.
     Cancelled,
     /// A transient error persisted through every delivery attempt.
@@ -42,7 +45,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::InvalidRequest,
         ErrorCode::UrlNotAllowed,
         ErrorCode::DownloadFailed,
@@ -56,6 +59,7 @@ impl ErrorCode {
         ErrorCode::ModelUnavailable,
         ErrorCode::InferenceFailed,
         ErrorCode::EncodeFailed,
+        ErrorCode::OutputUploadFailed,
         ErrorCode::Cancelled,
         ErrorCode::RetriesExhausted,
         ErrorCode::Internal,
@@ -77,6 +81,7 @@ impl ErrorCode {
             ErrorCode::ModelUnavailable => "model_unavailable",
             ErrorCode::InferenceFailed => "inference_failed",
             ErrorCode::EncodeFailed => "encode_failed",
+            ErrorCode::OutputUploadFailed => "output_upload_failed",
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::RetriesExhausted => "retries_exhausted",
             ErrorCode::Internal => "internal",
@@ -89,6 +94,7 @@ impl ErrorCode {
             self,
             ErrorCode::DownloadFailed
                 | ErrorCode::DownloadTimeout
+                | ErrorCode::OutputUploadFailed
                 | ErrorCode::ModelUnavailable
                 | ErrorCode::RetriesExhausted
                 | ErrorCode::Internal

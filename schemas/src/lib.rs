@@ -10,7 +10,7 @@ mod work;
 pub use error::{ErrorCode, TaskError};
 pub use task::{
     InputSource, JoinState, MediaSummary, NextWork, StageDone, StageTiming, Status,
-    TASK_RECORD_VERSION, TaskRecord, TaskRequest,
+    TASK_RECORD_VERSION, TaskRecord, TaskRequest, redact_url,
 };
 pub use track::{FACE_TRACK_VERSION, FaceFrame, FaceTrack};
 pub use work::{

@@ -69,6 +69,27 @@ pub struct TaskRequest {
     /// Where to POST the final record, if anywhere.
     #[serde(default)]
     pub webhook_url: Option<String>,
+    /// A client-given (presigned) URL the mux stage PUTs the result video to once it is
+    /// stored. It usually carries a signature in its query: it is never served back or
+    /// logged in full (see [`redact_url`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_upload_url: Option<String>,
+}
+
+/// A URL as it may be shown: `scheme://host[:port]/path`, without userinfo, query or
+/// fragment (where signatures and credentials live). Unparsable input gives `None`.
+pub fn redact_url(raw: &str) -> Option<String> {
+    let (scheme, rest) = raw.split_once("://")?;
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let host = authority.rsplit('@').next().unwrap_or_default();
+    if scheme.is_empty() || host.is_empty() {
+        return None;
+    }
+    Some(format!("{scheme}://{host}{path}"))
 }
 
 /// When a stage started and finished work on this task (epoch seconds).
@@ -229,6 +250,10 @@ pub struct TaskRecord {
     /// keys configured (open service) or for records written before tenants existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// With `request.output_upload_url`: whether the result was uploaded there (`true`
+    /// once the target answered 2xx, `false` when every try failed); `None` without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_uploaded: Option<bool>,
 }
 
 fn default_version() -> u32 {
@@ -280,6 +305,7 @@ impl TaskRecord {
             artifacts: Vec::new(),
             warnings: Vec::new(),
             owner: None,
+            output_uploaded: None,
         }
     }
 
@@ -304,5 +330,27 @@ impl TaskRecord {
                 .stages
                 .get(Stage::Infer.as_str())
                 .is_some_and(|t| t.finished_at.is_none())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn redacted_urls_lose_userinfo_query_and_fragment() {
+        let r = |s: &str| redact_url(s);
+        assert_eq!(
+            r("https://b.s3.example.com/k/result.mp4?X-Amz-Signature=abc&X-Amz-Credential=x")
+                .as_deref(),
+            Some("https://b.s3.example.com/k/result.mp4")
+        );
+        assert_eq!(
+            r("http://u:p@127.0.0.1:9000/b/k#frag").as_deref(),
+            Some("http://127.0.0.1:9000/b/k")
+        );
+        assert_eq!(r("http://h?sig=1").as_deref(), Some("http://h/"));
+        assert_eq!(r("not a url"), None);
+        assert_eq!(r("http://?x"), None);
     }
 }

@@ -230,6 +230,7 @@ pub fn new_record(task_id: &str) -> lipsync_schemas::TaskRecord {
         },
         epoch,
         rfc,
+            output_upload_url: None,
     )
 }
 

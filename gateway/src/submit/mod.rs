@@ -11,6 +11,8 @@ mod json;
 mod upload;
 mod validate;
 
+pub(crate) use json::body_error;
+
 use axum::extract::{Request, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -43,7 +45,7 @@ const QUOTA_RETRY_S: u64 = 10;
             (SyncRequest = "application/json"),
             (crate::api::SyncUpload = "multipart/form-data"),
         ),
-        description = "URLs (JSON) or files (multipart). Unknown fields are ignored."
+        description = "URLs or direct-upload ids (JSON), or files (multipart). Unknown fields are ignored."
     ),
     params(
         ("Idempotency-Key" = Option<String>, Header, description = "Same key + same body within 24 h returns the same task; a different body answers 409"),
@@ -54,10 +56,10 @@ const QUOTA_RETRY_S: u64 = 10;
         (status = 401, description = "Missing or wrong API key", body = crate::error::ErrorBody),
         (status = 403, description = "Cross-origin request refused", body = crate::error::ErrorBody),
         (status = 408, description = "Upload not finished within the upload deadline", body = crate::error::ErrorBody),
-        (status = 409, description = "Idempotency-Key reused with a different body", body = crate::error::ErrorBody),
+        (status = 409, description = "Idempotency-Key reused with a different body, or an upload id given while direct uploads are unavailable (`uploads_unavailable`)", body = crate::error::ErrorBody),
         (status = 413, description = "Body too large", body = crate::error::ErrorBody),
         (status = 415, description = "Neither JSON nor multipart", body = crate::error::ErrorBody),
-        (status = 422, description = "Invalid field", body = crate::error::ErrorBody),
+        (status = 422, description = "Invalid field (`invalid_request`, `url_not_allowed`), or an upload id that names no upload of this tenant (`upload_not_found`)", body = crate::error::ErrorBody),
         (status = 429, description = "Rate limited or tenant quota exhausted (see Retry-After)", body = crate::error::ErrorBody),
         (status = 503, description = "Work queue full or backend unavailable", body = crate::error::ErrorBody),
         (status = 507, description = "The media store is full (`artifacts.max_bytes`); see Retry-After", body = crate::error::ErrorBody),
@@ -79,18 +81,19 @@ pub(crate) async fn sync(
         .unwrap_or("application/json")
         .to_ascii_lowercase();
     let task_id = uuid::Uuid::new_v4().to_string();
-    let (video, audio, params, hash, uploaded) = if ctype.starts_with("multipart/form-data") {
+    let (video, audio, params, hash, uploaded, direct) = if ctype.starts_with("multipart/form-data")
+    {
         let mut uploaded = Vec::new();
         match upload::intake(&state, &task_id, req, &mut uploaded).await {
-            Ok(u) => (u.video, u.audio, u.params, u.hash, uploaded),
+            Ok(u) => (u.video, u.audio, u.params, u.hash, uploaded, Vec::new()),
             Err(e) => {
                 upload::cleanup(&state, &uploaded).await;
                 return Err(e);
             }
         }
     } else if ctype.starts_with("application/json") || ctype.contains("+json") {
-        let t = json::intake(&state, req).await?;
-        (t.video, t.audio, t.params, t.hash, Vec::new())
+        let t = json::intake(&state, &caller, req).await?;
+        (t.video, t.audio, t.params, t.hash, Vec::new(), t.uploads)
     } else {
         return Err(ApiError::UnsupportedMediaType(
             "use Content-Type application/json or multipart/form-data".into(),
@@ -104,6 +107,7 @@ pub(crate) async fn sync(
         audio,
         params,
         hash,
+        direct,
     };
     let res = accept(&state, idem, sub, &uploaded).await;
     if res.is_err() {
@@ -121,6 +125,9 @@ struct Submission<'a> {
     audio: InputSource,
     params: Params,
     hash: String,
+    /// Keys of direct uploads (`*_upload_id`): claimed for this task, never deleted here
+    /// (a refused submission may be sent again with the same ids).
+    direct: Vec<String>,
 }
 
 /// The caller's tenant quotas (only when keys are configured).
@@ -170,6 +177,7 @@ async fn accept(
         audio,
         params,
         hash,
+        direct,
     } = sub;
     let idem_key = idem.map(|k| idempotency::kv_key(&caller.id, &k));
     if let Some(k) = &idem_key
@@ -179,10 +187,17 @@ async fn accept(
         upload::cleanup(state, uploaded).await;
         return answer;
     }
+    if let Err(e) = crate::uploads::claim(state, &direct).await {
+        if let Some(k) = &idem_key {
+            idempotency::release(state, k).await;
+        }
+        return Err(e);
+    }
     let undo_idem = || async {
         if let Some(k) = &idem_key {
             idempotency::release(state, k).await;
         }
+        crate::uploads::release(state, &direct).await;
     };
     if let Err(e) = check_quota(state, caller) {
         undo_idem().await;
@@ -219,6 +234,7 @@ async fn accept(
             guidance_scale: params.guidance_scale,
             seed: params.seed,
             webhook_url: params.webhook_url,
+            output_upload_url: params.output_upload_url,
         },
         epoch,
         rfc,

@@ -19,7 +19,7 @@ use lipsync_schemas::{InputSource, names};
 use sha2::{Digest, Sha256};
 use tokio_util::io::StreamReader;
 
-use super::validate::{Params, hash_of, validate};
+use super::validate::{Params, RawParams, hash_of, validate};
 use crate::AppState;
 use crate::error::{ApiError, Result};
 
@@ -155,11 +155,14 @@ async fn read_form(
         .transpose()?;
     let params = validate(
         state,
-        num("inference_ckpt_path").map(str::to_owned),
-        steps,
-        guidance,
-        seed,
-        num("webhook_url").map(str::to_owned),
+        RawParams {
+            model: num("inference_ckpt_path").map(str::to_owned),
+            steps,
+            guidance,
+            seed,
+            webhook_url: num("webhook_url").map(str::to_owned),
+            output_upload_url: num("output_upload_url").map(str::to_owned),
+        },
     )?;
     let hash = hash_of(&params, &[video_hash, audio_hash]);
     Ok(Uploaded {

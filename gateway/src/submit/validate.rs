@@ -16,6 +16,20 @@ pub(super) struct Params {
     pub(super) guidance_scale: f64,
     pub(super) seed: Option<u64>,
     pub(super) webhook_url: Option<String>,
+    /// Checked against the download policy; absent from the hash's input when not given
+    /// (the hashes of earlier requests stay the same).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) output_upload_url: Option<String>,
+}
+
+/// The optional parameters of a submission as given (JSON or form fields).
+pub(super) struct RawParams {
+    pub(super) model: Option<String>,
+    pub(super) steps: Option<u32>,
+    pub(super) guidance: Option<f64>,
+    pub(super) seed: Option<u64>,
+    pub(super) webhook_url: Option<String>,
+    pub(super) output_upload_url: Option<String>,
 }
 
 /// Whether `raw` starts like the documented pattern `^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9]`.
@@ -75,14 +89,15 @@ pub(super) fn model_of(state: &AppState, requested: Option<String>) -> Result<St
     }
 }
 
-pub(super) fn validate(
-    state: &AppState,
-    model: Option<String>,
-    steps: Option<u32>,
-    guidance: Option<f64>,
-    seed: Option<u64>,
-    webhook_url: Option<String>,
-) -> Result<Params> {
+pub(super) fn validate(state: &AppState, raw: RawParams) -> Result<Params> {
+    let RawParams {
+        model,
+        steps,
+        guidance,
+        seed,
+        webhook_url,
+        output_upload_url,
+    } = raw;
     let gw = &state.gw;
     let model = model_of(state, model)?;
     let inference_steps = steps.unwrap_or(gw.default_steps);
@@ -106,12 +121,16 @@ pub(super) fn validate(
         }
         Some(u) => Some(check_webhook_url(state, &u)?),
     };
+    let output_upload_url = output_upload_url
+        .map(|u| check_url(state, "output_upload_url", &u))
+        .transpose()?;
     Ok(Params {
         model,
         inference_steps,
         guidance_scale,
         seed,
         webhook_url,
+        output_upload_url,
     })
 }
 
