@@ -227,10 +227,10 @@ pub fn new_record(task_id: &str) -> lipsync_schemas::TaskRecord {
             guidance_scale: 1.5,
             seed: Some(1),
             webhook_url: None,
+            output_upload_url: None,
         },
         epoch,
         rfc,
-            output_upload_url: None,
     )
 }
 
