@@ -932,10 +932,25 @@ mod tests {
             ..Default::default()
         }];
         cfg.nats.url = "nats://user:pw@nats:4222".into();
+        cfg.artifacts.s3.access_key_id = "AKIA-CANARY".into();
+        cfg.artifacts.s3.secret_access_key = "s3-secret-canary".into();
+        cfg.artifacts.s3.session_token = "s3-token-canary".into();
         let plain = toml::to_string_pretty(&cfg).unwrap();
         let text = redact_secrets(&plain);
-        for secret in ["plain-key-1", "hook-secret", "acme-key", ":pw@"] {
+        let debug = format!("{cfg:?}");
+        for secret in [
+            "plain-key-1",
+            "hook-secret",
+            "acme-key",
+            ":pw@",
+            "AKIA-CANARY",
+            "s3-secret-canary",
+            "s3-token-canary",
+        ] {
             assert!(!text.contains(secret), "{secret} in\n{text}");
+        }
+        for secret in ["AKIA-CANARY", "s3-secret-canary", "s3-token-canary"] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
         }
         assert!(text.contains("acme") && text.contains(REDACTED));
         assert!(text.contains("nats:4222"));
