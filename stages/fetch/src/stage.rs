@@ -176,8 +176,28 @@ impl FetchStage {
         let local = dir.join(which.name());
         match source {
             InputSource::Artifact(k) => {
-                // Uploaded through the gateway: only probe it.
+                // Uploaded through the gateway or straight to the bucket (a presigned PUT
+                // has no size cap): refuse an oversized object before reading it, then
+                // only probe it.
                 let what = format!("uploaded {}", which.name());
+                let meta = ctx
+                    .keepalive(ctx.artifacts.info(k))
+                    .await?
+                    .map_err(JobError::from)?;
+                // A missing object is reported by the read below, as for any artifact.
+                if let Some(meta) = meta
+                    && meta.size > self.limits.max_bytes
+                {
+                    return Err(InputError {
+                        which,
+                        what: "upload",
+                        error: DownloadError::InputTooLarge {
+                            max_bytes: self.limits.max_bytes,
+                            content_length: Some(meta.size),
+                        },
+                    }
+                    .into());
+                }
                 let path = ctx.read_artifact(k, which.name(), &what).await?;
                 Ok((path, k.clone()))
             }

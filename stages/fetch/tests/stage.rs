@@ -384,6 +384,62 @@ async fn private_addresses_are_refused_by_default() {
     stage.wait().await.unwrap();
 }
 
+#[tokio::test]
+async fn an_upload_larger_than_max_bytes_is_refused_typed() {
+    let m = media();
+    let (addr, _) = file_server(&m.root).await;
+    let mut e = env().await;
+    let video = m.root.join("video.mp4");
+    let size = std::fs::metadata(&video).unwrap().len();
+    // One byte under the upload: a download of it would be refused the same way.
+    e.cfg.fetch.max_bytes = size - 1;
+    let shutdown = CancellationToken::new();
+    let stage = lipsync_fetch::start(&e.cfg, shutdown.clone())
+        .await
+        .unwrap();
+    let key = format!("uploads/_/{}", uuid::Uuid::new_v4());
+    e.artifacts.put_file(&key, &video).await.unwrap();
+    let tid = uuid::Uuid::new_v4().to_string();
+    let mut rec = new_record(&tid);
+    rec.request.video = InputSource::Artifact(key.clone());
+    rec.request.audio = InputSource::Url(format!("http://{addr}/audio.wav"));
+    e.store.create(&rec).await.unwrap();
+    lipsync_runtime::publish_work(
+        &e.js,
+        &FetchJob {
+            v: 1,
+            task_id: tid.clone(),
+            video: rec.request.video.clone(),
+            audio: rec.request.audio.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let rec = e.fetched(&tid).await;
+    assert_eq!(rec.status, Status::Failed);
+    let err = rec.error.unwrap();
+    assert_eq!(err.code, ErrorCode::InputTooLarge, "{}", err.message);
+    assert!(!err.retryable);
+    assert!(
+        err.message.contains(&format!("{size} bytes")) && err.message.contains("video"),
+        "{}",
+        err.message
+    );
+    // The failed task's inputs go with it, the upload included.
+    wait_for(Duration::from_secs(10), || async {
+        e.artifacts
+            .info(&key)
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    shutdown.cancel();
+    stage.wait().await.unwrap();
+}
+
 fn spawn_fetch(e: &Env) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_lipsync-fetch"))
         .env("LIPSYNC_NATS__URL", e.nats.url())

@@ -912,8 +912,11 @@ pub fn task_artifact_keys(record: &TaskRecord) -> Vec<String> {
 
 /// Deletes what a finished task no longer needs: for a failed or cancelled task
 /// (or one not finished), everything it owns, inputs and uploads included; for a
-/// completed task, everything but its result and mask. Returns the number of keys
-/// deleted (absent keys included); the first error is returned after trying every key.
+/// completed task, everything but its result and mask. Outputs the record lists
+/// (`output_video_url`, `output_mask_url`) are kept whatever the status: a task that
+/// failed after storing them (`output_upload_failed`) still serves them. Returns the
+/// number of keys deleted (absent keys included); the first error is returned after
+/// trying every key.
 ///
 /// # Errors
 /// The store failed for some key.
@@ -921,14 +924,15 @@ pub async fn delete_task_artifacts(
     store: &dyn ArtifactStore,
     record: &TaskRecord,
 ) -> Result<usize, ArtifactError> {
-    let keep: Vec<String> = if record.status == Status::Completed {
-        [names::artifact::RESULT, names::artifact::MASK]
-            .iter()
-            .map(|n| names::artifact_key(&record.task_id, n))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let completed = record.status == Status::Completed;
+    let keep: Vec<String> = [
+        (names::artifact::RESULT, record.output_video_url.is_some()),
+        (names::artifact::MASK, record.output_mask_url.is_some()),
+    ]
+    .iter()
+    .filter(|(_, listed)| completed || *listed)
+    .map(|(n, _)| names::artifact_key(&record.task_id, n))
+    .collect();
     let keys: Vec<String> = task_artifact_keys(record)
         .into_iter()
         .filter(|k| !keep.contains(k))
