@@ -2,8 +2,9 @@
 //!
 //! Consumes `lipsync.work.mux` ([`lipsync_schemas::MuxJob`]); produces the artifacts
 //! `<task_id>/result.mp4` and `<task_id>/mask.mp4` (optionally also
-//! `{mux.local_dir}/{task_id}/`), then marks the task `completed` with both URLs and
-//! deletes its intermediates. Publishes no further work.
+//! `{mux.local_dir}/{task_id}/`), PUTs the result to the task's `output_upload_url` when it
+//! has one ([`upload`]), then marks the task `completed` with both URLs and deletes its
+//! intermediates. Publishes no further work.
 //!
 //! Layout:
 //! - [`source`]: original frames by index (shared 25 fps decoder; backward ping-pong
@@ -12,6 +13,7 @@
 //!   bounding rectangle only;
 //! - [`encode`]: streaming ffmpeg H.264 encoders fed from writer threads;
 //! - [`render`]: the per-frame pipeline on local files;
+//! - [`upload`]: the guarded, retried PUT of the result to a client's URL;
 //! - [`MuxStage`]: the queue handler.
 //!
 //! Run with `lipsync-mux` (see `--help`); `lipsync-mux render ...` runs the pipeline on
@@ -25,6 +27,7 @@ pub mod render;
 mod resize;
 pub mod source;
 mod stage;
+pub mod upload;
 
 pub use error::{MuxError, Result};
 pub use stage::{AudioChoice, MuxStage};
@@ -37,8 +40,8 @@ use tokio_util::sync::CancellationToken;
 /// # Errors
 /// Invalid `[mux]` settings, or NATS cannot be reached.
 pub async fn start(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<StageServer> {
-    let stage =
-        MuxStage::new(&cfg.mux).map_err(|e| anyhow::anyhow!("invalid mux configuration: {e}"))?;
+    let stage = MuxStage::from_config(cfg)
+        .map_err(|e| anyhow::anyhow!("invalid mux configuration: {e}"))?;
     lipsync_runtime::start_stage(
         cfg,
         StageSpec {

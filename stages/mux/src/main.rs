@@ -55,7 +55,7 @@ enum Cmd {
 async fn main() {
     let cli = Cli::parse();
     let cfg: Config = load_or_exit(&cli.config);
-    if let Err(e) = lipsync_mux::MuxStage::new(&cfg.mux) {
+    if let Err(e) = lipsync_mux::MuxStage::from_config(&cfg) {
         eprintln!("error: invalid configuration: {e}");
         std::process::exit(EXIT_USAGE);
     }

@@ -1,18 +1,24 @@
 //! The mux stage handler: fetch the inputs of one task into a scratch folder, render
 //! (on a blocking thread, reporting progress and honouring cancellation), store the
-//! result and mask videos, complete the task and drop its intermediates.
+//! result and mask videos, PUT the result to the task's `output_upload_url` if it has
+//! one, complete the task and drop its intermediates.
+//!
+//! A failed upload fails the delivery as retryable; the next delivery finds the outputs
+//! stored and only uploads again. On the last delivery (`nats.max_deliver`) the task
+//! fails with `output_upload_failed`, keeping its outputs listed and downloadable.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lipsync_runtime::config::MuxConfig;
+use lipsync_runtime::config::{Config, MuxConfig};
 use lipsync_runtime::media::LengthMode;
-use lipsync_runtime::{Handler, JobCtx, JobError, Outcome};
+use lipsync_runtime::{Change, Handler, JobCtx, JobError, Outcome};
 use lipsync_schemas::{ErrorCode, FaceTrack, MuxJob, names};
 
 use crate::render::{Progress, RenderJob, RenderOptions, render};
+use crate::upload::Uploader;
 
 /// Which audio goes into the result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +36,9 @@ pub struct MuxStage {
     audio: AudioChoice,
     local_dir: Option<PathBuf>,
     delete_intermediates: bool,
+    uploader: Uploader,
+    /// `nats.max_deliver`: the delivery after which a failed upload fails the task.
+    max_deliver: i64,
 }
 
 /// Share of the stage's progress band reached after fetching the inputs.
@@ -60,7 +69,21 @@ impl MuxStage {
             audio,
             local_dir: cfg.local_dir.clone(),
             delete_intermediates: cfg.delete_intermediates,
+            uploader: Uploader::new(&lipsync_runtime::config::FetchConfig::default(), cfg)?,
+            max_deliver: lipsync_runtime::config::NatsConfig::default().max_deliver,
         })
+    }
+
+    /// The stage of a whole configuration: [`new`](Self::new) with result uploads under
+    /// the download policy (`fetch.*`) and the delivery limit of `nats.max_deliver`.
+    ///
+    /// # Errors
+    /// A message naming the bad key.
+    pub fn from_config(cfg: &Config) -> Result<Self, String> {
+        let mut stage = Self::new(&cfg.mux)?;
+        stage.uploader = Uploader::new(&cfg.fetch, &cfg.mux)?;
+        stage.max_deliver = cfg.nats.max_deliver;
+        Ok(stage)
     }
 }
 
@@ -135,6 +158,106 @@ impl MuxStage {
         Ok(())
     }
 
+    /// PUT the result at `path` to the task's `output_upload_url` and record the outcome:
+    /// `output_uploaded = true`; or a retryable failure; or, on the last delivery,
+    /// `output_uploaded = false` with the outputs listed and `output_upload_failed`.
+    async fn upload(
+        &self,
+        ctx: &JobCtx,
+        url: &str,
+        path: &Path,
+        outputs: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), JobError> {
+        ctx.progress(0.95, "mux: uploading the result").await?;
+        let put = self.uploader.put_file(url, path, |n, e| {
+            tracing::warn!(try_no = n, error = %e, "output upload failed, trying again");
+        });
+        let result = ctx.keepalive(put).await?;
+        let tries = self.uploader.tries();
+        let failure = match result {
+            Ok(()) => {
+                tracing::info!("result uploaded to the output_upload_url");
+                self.record_upload(ctx, true, None).await?;
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        let last = !failure.is_transient()
+            || (self.max_deliver > 0 && i64::from(ctx.attempt) >= self.max_deliver);
+        tracing::warn!(
+            error = %failure,
+            attempt = ctx.attempt,
+            last,
+            "output upload failed"
+        );
+        if !last {
+            return Err(JobError::transient(format!(
+                "output upload failed ({tries} tries): {failure}"
+            )));
+        }
+        let task = &ctx.task_id;
+        let url_of = |name: &str| {
+            outputs
+                .contains_key(name)
+                .then(|| format!("/outputs/{task}/{name}"))
+        };
+        self.record_upload(
+            ctx,
+            false,
+            Some((
+                url_of(names::artifact::RESULT),
+                url_of(names::artifact::MASK),
+            )),
+        )
+        .await?;
+        Err(JobError::permanent(
+            ErrorCode::OutputUploadFailed,
+            format!(
+                "the result could not be uploaded to output_upload_url ({failure}, {} \
+                 deliveries); it stays downloadable from output_video_url",
+                ctx.attempt
+            ),
+        ))
+    }
+
+    /// Write `output_uploaded` (and, for a task about to fail, its output URLs).
+    async fn record_upload(
+        &self,
+        ctx: &JobCtx,
+        uploaded: bool,
+        urls: Option<(Option<String>, Option<String>)>,
+    ) -> Result<(), JobError> {
+        ctx.tasks
+            .update(&ctx.task_id, |r| {
+                if r.status.is_terminal() {
+                    return Change::Skip;
+                }
+                r.output_uploaded = Some(uploaded);
+                if let Some((video, mask)) = &urls {
+                    r.output_video_url = video.clone();
+                    r.output_mask_url = mask.clone();
+                }
+                Change::Write
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Whether an earlier delivery stored and registered both outputs (its upload
+    /// failed): this one only has to upload.
+    async fn outputs_stored(&self, ctx: &JobCtx) -> Result<bool, JobError> {
+        for name in [names::artifact::RESULT, names::artifact::MASK] {
+            let key = names::artifact_key(&ctx.task_id, name);
+            if !ctx.record.artifacts.contains(&key) {
+                return Ok(false);
+            }
+            if ctx.keepalive(ctx.artifacts.info(&key)).await??.is_none() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Copies the outputs to `{local_dir}/{task_id}/` (write, then rename).
     async fn write_local(&self, task_id: &str, dir: &Path) -> Result<(), JobError> {
         let Some(root) = &self.local_dir else {
@@ -168,6 +291,30 @@ impl Handler for MuxStage {
             ));
         }
         ctx.check().await?;
+        let outputs: std::collections::BTreeMap<String, String> =
+            [names::artifact::RESULT, names::artifact::MASK]
+                .into_iter()
+                .map(|n| (n.to_owned(), names::artifact_key(&ctx.task_id, n)))
+                .collect();
+        let upload_url = ctx.record.request.output_upload_url.clone();
+        if let Some(url) = &upload_url
+            && self.outputs_stored(&ctx).await?
+        {
+            // A redelivery after a failed upload: the outputs are stored, upload again.
+            ctx.progress(RENDERED, "mux: fetching the stored result")
+                .await?;
+            let d = ctx.scratch_dir()?;
+            for name in [names::artifact::RESULT, names::artifact::MASK] {
+                ctx.read_artifact(&outputs[name], name, name).await?;
+            }
+            self.write_local(&ctx.task_id, &d).await?;
+            self.upload(&ctx, url, &d.join(names::artifact::RESULT), &outputs)
+                .await?;
+            return Ok(Outcome::Complete {
+                outputs,
+                delete_intermediates: self.delete_intermediates,
+            });
+        }
         ctx.progress(0.0, "mux: fetching inputs").await?;
         let audio_key = match self.audio {
             AudioChoice::Resampled => &job.audio_16k,
@@ -195,16 +342,17 @@ impl Handler for MuxStage {
         ctx.progress(RENDERED, "mux: storing outputs").await?;
         // Outputs keep their well-known keys (`/outputs/{task}/{name}`), written once:
         // a redelivery after completion finds the task ended and never gets here.
-        let mut outputs = std::collections::BTreeMap::new();
-        for name in [names::artifact::RESULT, names::artifact::MASK] {
-            let key = names::artifact_key(&ctx.task_id, name);
-            ctx.keepalive(ctx.artifacts.put_file(&key, &d.join(name)))
+        for (name, key) in &outputs {
+            ctx.keepalive(ctx.artifacts.put_file(key, &d.join(name)))
                 .await??;
-            outputs.insert(name.to_owned(), key);
         }
         ctx.register_artifacts(&outputs.values().cloned().collect::<Vec<_>>())
             .await?;
         self.write_local(&ctx.task_id, &d).await?;
+        if let Some(url) = &upload_url {
+            self.upload(&ctx, url, &d.join(names::artifact::RESULT), &outputs)
+                .await?;
+        }
         Ok(Outcome::Complete {
             outputs,
             delete_intermediates: self.delete_intermediates,

@@ -1,5 +1,6 @@
 //! lipsync network guard: the URL policy and SSRF guard of every outgoing HTTP request
-//! (input downloads of the fetch stage, webhooks and URL checks of the gateway).
+//! (input downloads of the fetch stage, result uploads of the mux stage, webhooks and URL
+//! checks of the gateway).
 //!
 //! Three layers, all driven by one [`UrlPolicy`]:
 //!
@@ -17,9 +18,10 @@
 //!    caps the number of hops.
 //!
 //! [`UrlPolicy::client`] builds a [`GuardedClient`] with all three. Requests must start
-//! from [`GuardedClient::get`] / [`GuardedClient::post`] (or a URL returned by
-//! [`GuardedClient::check_url`]): reqwest connects to an IP-literal host without asking
-//! the resolver, so the first URL has to be checked before the request is sent.
+//! from [`GuardedClient::get`] / [`GuardedClient::post`] / [`GuardedClient::put`] (or a
+//! URL returned by [`GuardedClient::check_url`]): reqwest connects to an IP-literal host
+//! without asking the resolver, so the first URL has to be checked before the request is
+//! sent.
 //!
 //! `allow_private_networks = true` opens every address and port except the well-known
 //! cloud metadata addresses (tests, local demos). `allow_cidrs` opens exact ranges and is
@@ -526,6 +528,11 @@ impl GuardedClient {
     /// A POST request to a vetted URL (webhooks).
     pub fn post(&self, raw: &str) -> Result<reqwest::RequestBuilder, GuardError> {
         Ok(self.http.post(self.check_url(raw)?))
+    }
+
+    /// A PUT request to a vetted URL (result uploads to a client's presigned URL).
+    pub fn put(&self, raw: &str) -> Result<reqwest::RequestBuilder, GuardError> {
+        Ok(self.http.put(self.check_url(raw)?))
     }
 
     /// The underlying client. Its resolver and redirect policy are guarded, but the

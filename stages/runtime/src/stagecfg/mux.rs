@@ -52,6 +52,21 @@ pub struct MuxConfig {
     /// about n^2 / (2K) + n frames for K frames per window (K = 86 at 1080p with the
     /// default). Larger windows cost memory, smaller ones decode time. Default 512 MiB.
     pub pingpong_window_bytes: u64,
+    /// Time limit of one PUT of the result to a task's `output_upload_url` (connect to
+    /// last byte answered), in seconds. Uploads go through the download policy's SSRF
+    /// guard (`fetch.allow_private_networks`, `fetch.allow_cidrs`, `fetch.allowed_ports`,
+    /// `fetch.nat64_prefixes`; `fetch.connect_timeout_s` and `fetch.read_timeout_s`),
+    /// which the gateway also checks the URL against. Default 600.
+    pub upload_timeout_s: u64,
+    /// PUTs of the result per delivery of the mux job before it counts as failed (a
+    /// retryable failure: the job is delivered again up to `nats.max_deliver` times,
+    /// re-uploading the stored result without rendering again; after the last one the
+    /// task fails with `output_upload_failed`, its result still downloadable). 4xx answers
+    /// other than 408/429 and refused URLs are not retried. At least 1. Default 3.
+    pub upload_tries: u32,
+    /// Wait before the second PUT in milliseconds, doubled for each further one (at most
+    /// 30 s). Default 1000.
+    pub upload_backoff_ms: u64,
 }
 
 impl Default for MuxConfig {
@@ -69,6 +84,9 @@ impl Default for MuxConfig {
             local_dir: None,
             delete_intermediates: true,
             pingpong_window_bytes: 512 << 20,
+            upload_timeout_s: 600,
+            upload_tries: 3,
+            upload_backoff_ms: 1000,
         }
     }
 }
