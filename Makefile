@@ -11,6 +11,8 @@ SHELL := bash
 ENV := . ./.local/env.sh &&
 CARGO_BUILD_FLAGS ?=
 NEXTEST_PROFILE ?= ci
+# The end-to-end suites' second pass, on the S3 backend (own JUnit file under ci).
+NEXTEST_S3_PROFILE ?= $(if $(filter ci,$(NEXTEST_PROFILE)),ci-s3,$(NEXTEST_PROFILE))
 
 .PHONY: help setup setup-test build up test lint fmt bench models models-check parity gpu-check clean distclean
 
@@ -19,7 +21,7 @@ help:
 	@echo "make setup-test setup + the test tools (cargo-nextest, wrk, espeak-ng, sox, schemathesis, test media)"
 	@echo "make build      release build of every binary in the workspace"
 	@echo "make up         setup + build, then run nats-server, all stages and the gateway (Ctrl-C stops)"
-	@echo "make test       setup-test, fmt check, clippy -D warnings, cargo nextest (profile $(NEXTEST_PROFILE))"
+	@echo "make test       setup-test, fmt check, clippy -D warnings, cargo nextest (profile $(NEXTEST_PROFILE)), then the e2e suites again on S3 (LIPSYNC_TEST_ARTIFACTS=s3)"
 	@echo "make lint       fmt check + clippy (+ scripts/check_log_format.sh when present)"
 	@echo "make fmt        cargo fmt --all"
 	@echo "make bench      run every executable in bench/ (scripts/bench.sh)"
@@ -49,6 +51,8 @@ test: setup-test
 	$(ENV) cargo clippy --workspace --all-targets -- -D warnings
 	$(ENV) cargo build --workspace --bins
 	$(ENV) cargo nextest run --workspace --profile $(NEXTEST_PROFILE)
+	$(ENV) LIPSYNC_TEST_ARTIFACTS=s3 cargo nextest run -p lipsync-tests --profile $(NEXTEST_S3_PROFILE) \
+		-E 'binary(e2e) | binary(e2e_faults) | binary(e2e_scale)'
 
 lint: setup
 	$(ENV) cargo fmt --all --check

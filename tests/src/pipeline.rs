@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -14,9 +15,10 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use lipsync_runtime::ArtifactStore;
 use serde_json::Value;
 
-use crate::{NatsServer, free_port, wait_for, workspace_root};
+use crate::{NatsServer, S3Server, free_port, wait_for, workspace_root};
 
 /// Every stage binary, in pipeline order.
 pub const STAGES: [&str; 5] = ["fetch", "face", "audio", "infer", "mux"];
@@ -158,10 +160,26 @@ async fn serve(State(root): State<PathBuf>, UrlPath(name): UrlPath<String>) -> i
     }
 }
 
+/// Which artifact backend the end-to-end tests run on: `LIPSYNC_TEST_ARTIFACTS`, `nats`
+/// (the default) or `s3` (a [`S3Server`] per pipeline). `make test` runs the e2e suites
+/// once with each.
+///
+/// # Panics
+/// Any other value.
+pub fn test_backend() -> &'static str {
+    match std::env::var("LIPSYNC_TEST_ARTIFACTS").as_deref() {
+        Err(_) | Ok("" | "nats") => "nats",
+        Ok("s3") => "s3",
+        Ok(other) => panic!("LIPSYNC_TEST_ARTIFACTS must be nats or s3, not {other:?}"),
+    }
+}
+
 /// The running service.
 pub struct Pipeline {
     /// The NATS server.
     pub nats: NatsServer,
+    /// The S3-compatible server holding the artifacts when [`test_backend`] is `s3`.
+    pub s3: Option<S3Server>,
     /// Test media over HTTP.
     pub media: MediaServer,
     /// Gateway port on 127.0.0.1.
@@ -181,8 +199,13 @@ impl Pipeline {
     }
 
     /// Like [`Pipeline::start`] with extra `LIPSYNC_*` environment for every process.
+    /// Artifacts live on the backend [`test_backend`] names.
     pub async fn start_with(extra_env: &[(&str, &str)]) -> Result<Self> {
         let nats = NatsServer::start().await?;
+        let s3 = match test_backend() {
+            "s3" => Some(S3Server::start().await?),
+            _ => None,
+        };
         let media = MediaServer::start().await?;
         let outputs = tempfile::tempdir()?;
         let mut env: Vec<(String, String)> = vec![
@@ -213,6 +236,9 @@ impl Pipeline {
             ),
             ("LIPSYNC_LOG__FILTER".into(), "warn".into()),
         ];
+        if let Some(s3) = &s3 {
+            env.extend(s3.env());
+        }
         for (k, v) in extra_env {
             env.push(((*k).into(), (*v).into()));
         }
@@ -224,6 +250,7 @@ impl Pipeline {
         ports.insert("gateway".into(), gateway_port);
         let mut p = Self {
             nats,
+            s3,
             media,
             gateway_port,
             outputs,
@@ -245,6 +272,28 @@ impl Pipeline {
             p.wait_ready(s).await?;
         }
         Ok(p)
+    }
+
+    /// The artifact backend in use: `nats` or `s3`.
+    pub fn backend(&self) -> &'static str {
+        if self.s3.is_some() { "s3" } else { "nats" }
+    }
+
+    /// The runtime configuration the processes run with, as far as storage goes: this
+    /// pipeline's NATS server and artifact backend.
+    pub fn config(&self) -> lipsync_runtime::Config {
+        let mut cfg = self.nats.config();
+        if let Some(s3) = &self.s3 {
+            s3.config(&mut cfg);
+        }
+        cfg
+    }
+
+    /// The artifact store the stages write to, whichever the backend.
+    pub async fn artifacts(&self) -> Result<Arc<dyn ArtifactStore>> {
+        let cfg = self.config();
+        let topo = crate::topology(&cfg).await?;
+        lipsync_runtime::artifacts::open(&cfg.artifacts, &topo)
     }
 
     /// Gateway base URL.
