@@ -749,6 +749,7 @@ async fn pipeline_on_s3_with_direct_uploads_presigned_results_and_output_uploads
 
     // 3b. A dead target: retries, then output_upload_failed; the result stays served.
     let t = wait_done(&gw, "acme-key", &dead_task).await;
+    eprintln!("dead output_upload_url: {t}");
     assert_eq!(t["status"], "failed", "{t}");
     assert_eq!(t["error"]["code"], "output_upload_failed", "{t}");
     assert_eq!(t["error"]["retryable"], true, "{t}");
