@@ -110,24 +110,23 @@ impl NatsServer {
     }
 
     async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(c) = self.child.as_mut()
-                && let Some(status) = c.try_wait()?
-            {
-                bail!("nats-server exited early: {status}");
-            }
-            if let Ok(client) = async_nats::connect(self.url()).await {
-                let js = async_nats::jetstream::new(client);
-                if js.query_account().await.is_ok() {
-                    return Ok(());
+        let url = self.url();
+        wait_child_ready(
+            &mut self.child,
+            "nats-server",
+            self.port,
+            timeout,
+            || async {
+                match async_nats::connect(url.as_str()).await {
+                    Ok(client) => async_nats::jetstream::new(client)
+                        .query_account()
+                        .await
+                        .is_ok(),
+                    Err(_) => false,
                 }
-            }
-            if Instant::now() > deadline {
-                bail!("nats-server on port {} not ready in {timeout:?}", self.port);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            },
+        )
+        .await
     }
 
     /// Stop the server (SIGKILL) and start it again on the same port and store.
@@ -171,6 +170,36 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Poll `ready` until it answers true, failing if `child` exits first or `timeout`
+/// passes: how the harness waits for the servers it starts.
+pub async fn wait_child_ready<F, Fut>(
+    child: &mut Option<Child>,
+    name: &str,
+    port: u16,
+    timeout: Duration,
+    mut ready: F,
+) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(c) = child.as_mut()
+            && let Some(status) = c.try_wait()?
+        {
+            bail!("{name} exited early: {status}");
+        }
+        if ready().await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{name} on port {port} not ready in {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 

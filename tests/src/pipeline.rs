@@ -296,6 +296,11 @@ impl Pipeline {
         lipsync_runtime::artifacts::open(&cfg.artifacts, &topo)
     }
 
+    /// The `LIPSYNC_*` environment every process of the pipeline gets.
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
+    }
+
     /// Gateway base URL.
     pub fn base(&self) -> String {
         format!("http://127.0.0.1:{}", self.gateway_port)

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use lipsync_runtime::artifacts::S3Artifacts;
@@ -87,27 +87,19 @@ impl S3Server {
 
     /// Until the server accepts connections (it binds, opens the root, then serves).
     async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(c) = self.child.as_mut()
-                && let Some(status) = c.try_wait()?
-            {
-                bail!("lipsync-s3-test-server exited early: {status}");
-            }
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "S3 test server on port {} not ready in {timeout:?}",
-                    self.port
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let port = self.port;
+        crate::wait_child_ready(
+            &mut self.child,
+            "S3 test server",
+            port,
+            timeout,
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await
     }
 
     /// Stop the server (SIGKILL) and start it again on the same port and root.

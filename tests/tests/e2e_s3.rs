@@ -471,19 +471,7 @@ fn spawn_logged(
     let mut cmd = Command::new(binary(&format!("lipsync-{name}")).unwrap());
     cmd.current_dir(lipsync_tests::workspace_root())
         .env_remove("LIPSYNC_TEST_ARTIFACTS")
-        .env("LIPSYNC_NATS__URL", p.nats.url())
-        .env("LIPSYNC_NATS__ACK_WAIT_S", "8")
-        .env(
-            "LIPSYNC_ARTIFACTS__MAX_BYTES",
-            lipsync_tests::TEST_ARTIFACT_BYTES.to_string(),
-        )
-        .env("LIPSYNC_RUNNER__NAK_DELAY_S", "0.2")
-        .env("LIPSYNC_RUNNER__NAK_DELAY_MAX_S", "1")
-        .env("LIPSYNC_RUNNER__PULL_EXPIRES_S", "1")
-        .env("LIPSYNC_RUNNER__PROGRESS_INTERVAL_MS", "100")
-        .env("LIPSYNC_RUNNER__SHUTDOWN_GRACE_S", "5")
-        .env("LIPSYNC_FETCH__ALLOW_PRIVATE_NETWORKS", "true")
-        .env("LIPSYNC_MODELS__PROFILE", "tiny")
+        .envs(p.env().iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("LIPSYNC_LOG__FILTER", "info")
         .env(
             format!("LIPSYNC_{}__LISTEN", name.to_uppercase()),
