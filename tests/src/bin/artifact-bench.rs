@@ -171,7 +171,9 @@ async fn round(store: Arc<dyn ArtifactStore>, args: &Args) -> Result<Round> {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let nats = NatsServer::start().await.context("nats-server")?;
-    let cfg = nats.config();
+    let mut cfg = nats.config();
+    // Room for the input and the result (the test configuration caps the store at 1 GiB).
+    cfg.artifacts.max_bytes = ((2 * args.mb + 256) << 20) as i64;
     let topo = lipsync_tests::topology(&cfg).await?;
     let on_nats = lipsync_runtime::artifacts::open(&cfg.artifacts, &topo)?;
     let s3 = S3Server::start().await.context("S3 test server")?;
