@@ -80,10 +80,49 @@ fn credential(
     Ok(std::env::var(env).ok().filter(|v| !v.is_empty()))
 }
 
+/// The typed error of a failed request. Its message (which can reach a task record)
+/// names the operation, the key and what the server answered (status and S3 error code),
+/// never the endpoint or the response body; the whole error goes to the log.
 fn s3_error(what: &str, key: &str, e: object_store::Error) -> ArtifactError {
-    match e {
-        object_store::Error::NotFound { .. } => ArtifactError::NotFound(key.to_owned()),
-        e => ArtifactError::Backend(format!("{what} {key}: {e}")),
+    if let object_store::Error::NotFound { .. } = e {
+        return ArtifactError::NotFound(key.to_owned());
+    }
+    tracing::warn!(error = %e, key, "S3 {what} failed");
+    ArtifactError::Backend(format!("S3 {what} {key}: {}", summary(&e.to_string())))
+}
+
+/// What an S3 client error says, without URLs or bodies: "the server answered 403
+/// (SignatureDoesNotMatch)", "the server could not be reached", or the error's kind.
+fn summary(text: &str) -> String {
+    let status = ["Status: ", "status code: ", "status "]
+        .iter()
+        .find_map(|p| {
+            let at = text.find(p)? + p.len();
+            let code: String = text[at..].chars().take(3).collect();
+            (code.len() == 3 && code.chars().all(|c| c.is_ascii_digit())).then_some(code)
+        });
+    let s3_code = text.find("<Code>").and_then(|i| {
+        let rest = &text[i + 6..];
+        let code = &rest[..rest.find('<')?];
+        (!code.is_empty() && code.chars().all(|c| c.is_ascii_alphanumeric()))
+            .then(|| code.to_owned())
+    });
+    match (status, s3_code) {
+        (Some(st), Some(c)) => format!("the server answered {st} ({c})"),
+        (Some(st), None) => format!("the server answered {st}"),
+        (None, Some(c)) => format!("the server answered {c}"),
+        (None, None) if text.contains("error sending request") || text.contains("connect") => {
+            "the server could not be reached".into()
+        }
+        (None, None) if text.contains("timed out") || text.contains("Timeout") => {
+            "the request timed out".into()
+        }
+        (None, None) => text
+            .split(':')
+            .next()
+            .unwrap_or("request failed")
+            .trim()
+            .to_owned(),
     }
 }
 
@@ -435,5 +474,27 @@ impl ArtifactStore for S3Artifacts {
 
     fn backend(&self) -> &'static str {
         "s3"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::summary;
+
+    #[test]
+    fn summaries_keep_the_answer_and_drop_urls_and_bodies() {
+        let denied = "Generic S3 error: Error performing PUT http://10.0.0.7:9000/media/t/a in 3ms - Server returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code><Message>x</Message></Error>";
+        assert_eq!(
+            summary(denied),
+            "the server answered 403 (SignatureDoesNotMatch)"
+        );
+        let refused = "Generic S3 error: Error performing GET http://127.0.0.1:1/b/k in 1ms, after 3 retries - HTTP error: error sending request";
+        assert_eq!(summary(refused), "the server could not be reached");
+        for s in [summary(denied), summary(refused)] {
+            assert!(
+                !s.contains("http") && !s.contains("10.0.0.7") && !s.contains("<"),
+                "{s}"
+            );
+        }
     }
 }
