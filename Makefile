@@ -11,7 +11,9 @@ SHELL := bash
 ENV := . ./.local/env.sh &&
 CARGO_BUILD_FLAGS ?=
 NEXTEST_PROFILE ?= ci
-# The end-to-end suites' second pass, on the S3 backend (own JUnit file under ci).
+# The end-to-end suites' second pass, on the S3 backend (own JUnit file under ci). It
+# names the whole workspace, as the first pass does, so the test binaries are reused
+# (a -p build would resolve other features and rebuild them).
 NEXTEST_S3_PROFILE ?= $(if $(filter ci,$(NEXTEST_PROFILE)),ci-s3,$(NEXTEST_PROFILE))
 
 .PHONY: help setup setup-test build up test lint fmt bench models models-check parity gpu-check clean distclean
@@ -51,8 +53,8 @@ test: setup-test
 	$(ENV) cargo clippy --workspace --all-targets -- -D warnings
 	$(ENV) cargo build --workspace --bins
 	$(ENV) cargo nextest run --workspace --profile $(NEXTEST_PROFILE)
-	$(ENV) LIPSYNC_TEST_ARTIFACTS=s3 cargo nextest run -p lipsync-tests --profile $(NEXTEST_S3_PROFILE) \
-		-E 'binary(e2e) | binary(e2e_faults) | binary(e2e_scale)'
+	$(ENV) LIPSYNC_TEST_ARTIFACTS=s3 cargo nextest run --workspace --profile $(NEXTEST_S3_PROFILE) \
+		-E 'package(lipsync-tests) & (binary(e2e) | binary(e2e_faults) | binary(e2e_scale))'
 
 lint: setup
 	$(ENV) cargo fmt --all --check
