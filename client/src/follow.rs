@@ -1,5 +1,5 @@
 //! Following a task to its end: the WebSocket `GET /task/{id}/ws` (the current record at
-//! once, then every change, closed after a terminal state), with polling of
+//! once, then its changes in order, closed after a terminal state), with polling of
 //! `GET /task/{id}` as the fallback when the socket cannot be opened or drops (a proxy
 //! without WebSocket support, a gateway restart). Every update drives a [`Progress`].
 

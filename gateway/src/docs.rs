@@ -33,7 +33,7 @@ const REDOC_HTML: &str = r#"<!DOCTYPE html>
 
 const DESCRIPTION: &str = "Self-hosted lip-sync service (LatentSync). Submit a video and an \
 audio with `POST /sync`, follow the task with `GET /task/{task_id}` (or the WebSocket \
-`GET /task/{task_id}/ws`, which sends the task record at once and on every change and \
+`GET /task/{task_id}/ws`, which sends the task record at once and then its changes in order and \
 closes after `completed`/`failed`; `GET /ws` streams progress events of all tasks), and \
 download `output_video_url`. Inputs are URLs, files (multipart `POST /sync`) or, on \
 servers with the s3 artifact backend, direct uploads: `POST /uploads` gives a presigned \

@@ -1,5 +1,8 @@
 //! WebSockets. `GET /task/{task_id}/ws` sends the current record (`TaskView` JSON) at
-//! once, then every change in order, and closes (code 1000) after a terminal state.
+//! once, then its changes in order, and closes (code 1000) after a terminal state, which is
+//! always sent. `lipsync_tasks` keeps one revision per task, so a change already superseded
+//! when the watch reads it (after the watch's consumer was recreated: a reconnect, a missed
+//! heartbeat) is skipped: a client sees the current state, never an older one after a newer.
 //! `GET /ws` sends a `ProgressEventView` for every change of every task.
 //!
 //! Both read the process's one task watch through a broadcast channel. A socket that falls
@@ -194,7 +197,7 @@ async fn dead_peer(socket: WebSocket) {
         ("access_token" = Option<String>, Query, description = "API key, for clients that cannot set headers on a WebSocket"),
     ),
     responses(
-        (status = 101, description = "WebSocket: text messages, each a `TaskView` (the record at once, then every change); closes 1000 after `completed`/`failed`, 1009 on a client message over `gateway.ws_max_message_bytes`"),
+        (status = 101, description = "WebSocket: text messages, each a `TaskView` (the record at once, then each change in order; a change superseded before the gateway read it is skipped); closes 1000 after `completed`/`failed`, 1009 on a client message over `gateway.ws_max_message_bytes`"),
         (status = 400, description = "Not a WebSocket upgrade request", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 403, description = "Cross-origin WebSocket refused", body = ErrorBody),

@@ -72,24 +72,30 @@ async fn task_ws_sends_ordered_updates_and_closes_after_completion() {
         .map(|v| v["progress"].as_f64().unwrap())
         .collect();
     assert!(progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");
-    // Every write is seen, in order: queued, started, 3 progress, infer started, completed.
+    // The writes arrive in order and the terminal record always does: queued, started,
+    // 3 progress, infer started, completed. The bucket keeps one revision per task, so a
+    // write superseded before the gateway's watch read it (when the watch's consumer is
+    // recreated) may be missing, but nothing comes twice, late or out of order.
     let messages: Vec<&str> = seen
         .iter()
         .map(|v| v["message"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        messages,
-        [
-            "queued",
-            "fetch: started",
-            "fetch 0.25",
-            "fetch 0.5",
-            "fetch 1",
-            "infer: started",
-            "completed"
-        ],
-        "{seen:?}"
+    let written = [
+        "queued",
+        "fetch: started",
+        "fetch 0.25",
+        "fetch 0.5",
+        "fetch 1",
+        "infer: started",
+        "completed",
+    ];
+    let mut rest = written.iter();
+    assert!(
+        messages.iter().all(|m| rest.any(|w| w == m)),
+        "{messages:?} is not an ordered subsequence of {written:?}"
     );
+    assert_eq!(messages.first(), Some(&"queued"), "{messages:?}");
+    assert_eq!(messages.last(), Some(&"completed"), "{messages:?}");
     // A finished task: the record at once, then close.
     let (mut ws, _) = tokio_tungstenite::connect_async(env.gw.ws_url(&format!("/task/{id}/ws")))
         .await
