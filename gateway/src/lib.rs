@@ -148,7 +148,7 @@ impl AppState {
     /// NATS unreachable, topology conflicts, an invalid network policy in `fetch.*` or
     /// `gateway.webhook_*`, or unreadable key/secret files.
     pub async fn connect(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
-        let policy = url_policy(cfg)?;
+        let policy = cfg.fetch.url_policy().map_err(anyhow::Error::msg)?;
         let webhook_policy = webhook_policy(cfg)?;
         let auth = auth::Auth::from_config(&cfg.gateway)?;
         let webhook_secret = auth::webhook_secret(&cfg.gateway)?;
@@ -236,19 +236,6 @@ async fn sweep_loop(
 
 fn unknown_task() -> ApiError {
     ApiError::NotFound("no such task".into())
-}
-
-/// The download policy (`fetch.*`): what `video_url`/`audio_url` may point at.
-fn url_policy(cfg: &Config) -> anyhow::Result<UrlPolicy> {
-    UrlPolicy::from_settings(&PolicySettings {
-        section: "fetch",
-        allow_private_networks: cfg.fetch.allow_private_networks,
-        allow_cidrs: &cfg.fetch.allow_cidrs,
-        allowed_ports: &cfg.fetch.allowed_ports,
-        nat64_prefixes: &cfg.fetch.nat64_prefixes,
-        max_url_len: cfg.fetch.max_url_len,
-    })
-    .map_err(anyhow::Error::msg)
 }
 
 /// The webhook policy (`gateway.webhook_*`, NAT64 prefixes from `fetch.nat64_prefixes`).

@@ -99,24 +99,10 @@ pub(crate) async fn create(
     let body = axum::body::to_bytes(req.into_body(), limit)
         .await
         .map_err(|e| crate::submit::body_error(e, limit))?;
-    let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    let parsed: UploadRequest = match first {
-        None => UploadRequest::default(),
-        Some(b) => {
-            let parsed = serde_json::from_slice(&body).map_err(|e| {
-                let msg = e.to_string();
-                match e.classify() {
-                    serde_json::error::Category::Data => ApiError::InvalidRequest(msg),
-                    _ => ApiError::InvalidJson(format!("body is not valid JSON: {msg}")),
-                }
-            })?;
-            if *b != b'{' {
-                return Err(ApiError::InvalidRequest(
-                    "invalid type: the body must be a JSON object".into(),
-                ));
-            }
-            parsed
-        }
+    let parsed: UploadRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        UploadRequest::default()
+    } else {
+        crate::submit::json_object(&body)?
     };
     if state.artifacts.backend() != "s3" {
         return Err(unavailable());

@@ -113,7 +113,13 @@ pub(crate) fn body_error(e: axum::Error, limit: usize) -> ApiError {
 }
 
 pub(super) fn parse_json(body: &[u8]) -> Result<SyncRequest> {
-    let sr = serde_json::from_slice::<SyncRequest>(body).map_err(|e| {
+    json_object(body)
+}
+
+/// A JSON object body as `T`: 400 `invalid_json` for bad syntax, 422 `invalid_request`
+/// for wrong types, unknown fields or a body that is not an object.
+pub(crate) fn json_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    let parsed = serde_json::from_slice::<T>(body).map_err(|e| {
         let msg = e.to_string();
         match e.classify() {
             serde_json::error::Category::Data => ApiError::InvalidRequest(msg),
@@ -126,7 +132,7 @@ pub(super) fn parse_json(body: &[u8]) -> Result<SyncRequest> {
             "invalid type: the body must be a JSON object".into(),
         ));
     }
-    Ok(sr)
+    Ok(parsed)
 }
 
 #[cfg(test)]

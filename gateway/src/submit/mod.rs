@@ -11,7 +11,7 @@ mod json;
 mod upload;
 mod validate;
 
-pub(crate) use json::body_error;
+pub(crate) use json::{body_error, json_object};
 
 use axum::extract::{Request, State};
 use axum::http::header;

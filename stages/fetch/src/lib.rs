@@ -8,7 +8,7 @@ pub use lipsync_netguard as guard;
 pub mod probe;
 mod stage;
 
-pub use stage::{FetchStage, url_policy};
+pub use stage::FetchStage;
 
 use lipsync_runtime::{Config, StageServer, StageSpec};
 use tokio_util::sync::CancellationToken;

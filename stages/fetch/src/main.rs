@@ -35,7 +35,7 @@ enum Cmd {
 async fn main() {
     let cli = Cli::parse();
     let cfg: Config = load_or_exit(&cli.config);
-    if let Err(e) = lipsync_fetch::url_policy(&cfg.fetch) {
+    if let Err(e) = cfg.fetch.url_policy() {
         eprintln!("error: invalid configuration: {e}");
         std::process::exit(EXIT_USAGE);
     }
@@ -56,7 +56,9 @@ async fn main() {
 async fn get(cfg: &Config, url: &str, out: Option<PathBuf>) -> anyhow::Result<()> {
     use lipsync_fetch::download::{DownloadLimits, download_to};
     use lipsync_fetch::guard::ClientOptions;
-    let client = lipsync_fetch::url_policy(&cfg.fetch)
+    let client = cfg
+        .fetch
+        .url_policy()
         .map_err(anyhow::Error::msg)?
         .client(&ClientOptions {
             connect_timeout: Duration::from_secs(cfg.fetch.connect_timeout_s),

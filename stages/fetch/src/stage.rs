@@ -16,7 +16,7 @@ use lipsync_schemas::{
 use tokio::io::AsyncWriteExt;
 
 use crate::download::{DownloadError, DownloadLimits, Tee, download_to};
-use crate::guard::{ClientOptions, GuardedClient, UrlPolicy};
+use crate::guard::{ClientOptions, GuardedClient};
 use crate::probe::{
     MediaInfo, MediaLimits, MediaTools, ProbeError, validate_audio, validate_video,
 };
@@ -105,23 +105,10 @@ fn probe_error(which: Which, error: ProbeError) -> JobError {
     .into()
 }
 
-/// Build the URL policy of the fetch configuration (`lipsync-netguard`); errors name the
-/// bad key.
-pub fn url_policy(cfg: &FetchConfig) -> Result<UrlPolicy, String> {
-    UrlPolicy::from_settings(&crate::guard::PolicySettings {
-        section: "fetch",
-        allow_private_networks: cfg.allow_private_networks,
-        allow_cidrs: &cfg.allow_cidrs,
-        allowed_ports: &cfg.allowed_ports,
-        nat64_prefixes: &cfg.nat64_prefixes,
-        max_url_len: cfg.max_url_len,
-    })
-}
-
 impl FetchStage {
     /// Build the stage from its configuration.
     pub fn new(cfg: &FetchConfig) -> Result<Self, String> {
-        let policy = url_policy(cfg)?;
+        let policy = cfg.url_policy()?;
         let client = policy
             .client(&ClientOptions {
                 connect_timeout: Duration::from_secs(cfg.connect_timeout_s),

@@ -47,11 +47,33 @@ const FETCHED: f64 = 0.05;
 const RENDERED: f64 = 0.9;
 
 impl MuxStage {
-    /// Builds the stage from its configuration.
+    /// Builds the stage from the `mux` section alone: result uploads under the default
+    /// download policy and delivery limit.
     ///
     /// # Errors
     /// A message naming the bad key.
     pub fn new(cfg: &MuxConfig) -> Result<Self, String> {
+        Self::build(
+            cfg,
+            &lipsync_runtime::config::FetchConfig::default(),
+            lipsync_runtime::config::NatsConfig::default().max_deliver,
+        )
+    }
+
+    /// The stage of a whole configuration: result uploads under the download policy
+    /// (`fetch.*`) and the delivery limit of `nats.max_deliver`.
+    ///
+    /// # Errors
+    /// A message naming the bad key.
+    pub fn from_config(cfg: &Config) -> Result<Self, String> {
+        Self::build(&cfg.mux, &cfg.fetch, cfg.nats.max_deliver)
+    }
+
+    fn build(
+        cfg: &MuxConfig,
+        fetch: &lipsync_runtime::config::FetchConfig,
+        max_deliver: i64,
+    ) -> Result<Self, String> {
         let audio = match cfg.audio.as_str() {
             "resampled" => AudioChoice::Resampled,
             "original" => AudioChoice::Original,
@@ -69,21 +91,9 @@ impl MuxStage {
             audio,
             local_dir: cfg.local_dir.clone(),
             delete_intermediates: cfg.delete_intermediates,
-            uploader: Uploader::new(&lipsync_runtime::config::FetchConfig::default(), cfg)?,
-            max_deliver: lipsync_runtime::config::NatsConfig::default().max_deliver,
+            uploader: Uploader::new(fetch, cfg)?,
+            max_deliver,
         })
-    }
-
-    /// The stage of a whole configuration: [`new`](Self::new) with result uploads under
-    /// the download policy (`fetch.*`) and the delivery limit of `nats.max_deliver`.
-    ///
-    /// # Errors
-    /// A message naming the bad key.
-    pub fn from_config(cfg: &Config) -> Result<Self, String> {
-        let mut stage = Self::new(&cfg.mux)?;
-        stage.uploader = Uploader::new(&cfg.fetch, &cfg.mux)?;
-        stage.max_deliver = cfg.nats.max_deliver;
-        Ok(stage)
     }
 }
 

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use lipsync_netguard::{ClientOptions, GuardError, GuardedClient, PolicySettings, UrlPolicy};
+use lipsync_netguard::{ClientOptions, GuardError, GuardedClient};
 use lipsync_runtime::config::{FetchConfig, MuxConfig};
 use tokio_util::io::ReaderStream;
 
@@ -52,18 +52,6 @@ pub struct Uploader {
     backoff: Duration,
 }
 
-/// The download policy of `fetch` (also what the gateway checks `output_upload_url` by).
-fn policy(fetch: &FetchConfig) -> Result<UrlPolicy, String> {
-    UrlPolicy::from_settings(&PolicySettings {
-        section: "fetch",
-        allow_private_networks: fetch.allow_private_networks,
-        allow_cidrs: &fetch.allow_cidrs,
-        allowed_ports: &fetch.allowed_ports,
-        nat64_prefixes: &fetch.nat64_prefixes,
-        max_url_len: fetch.max_url_len,
-    })
-}
-
 impl Uploader {
     /// An uploader with the `fetch.*` policy and the `mux.upload_*` limits.
     ///
@@ -76,7 +64,8 @@ impl Uploader {
         if mux.upload_timeout_s == 0 {
             return Err("mux.upload_timeout_s: must be at least 1".into());
         }
-        let client = policy(fetch)?
+        let client = fetch
+            .url_policy()?
             .client(&ClientOptions {
                 connect_timeout: Duration::from_secs(fetch.connect_timeout_s.max(1)),
                 read_timeout: Duration::from_secs(fetch.read_timeout_s.max(1)),

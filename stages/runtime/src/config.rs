@@ -514,6 +514,21 @@ impl Default for FetchConfig {
     }
 }
 
+impl FetchConfig {
+    /// The download policy of these keys: what `video_url`/`audio_url` (and the
+    /// `output_upload_url` mux delivers to) may point at. Errors name the bad key.
+    pub fn url_policy(&self) -> Result<lipsync_netguard::UrlPolicy, String> {
+        lipsync_netguard::UrlPolicy::from_settings(&lipsync_netguard::PolicySettings {
+            section: "fetch",
+            allow_private_networks: self.allow_private_networks,
+            allow_cidrs: &self.allow_cidrs,
+            allowed_ports: &self.allowed_ports,
+            nat64_prefixes: &self.nat64_prefixes,
+            max_url_len: self.max_url_len,
+        })
+    }
+}
+
 /// HTTP gateway settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
