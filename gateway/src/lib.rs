@@ -186,6 +186,7 @@ impl AppState {
         if state.artifacts.backend() == "s3" && cfg.artifacts.s3.sweep_interval_s > 0 {
             tokio::spawn(sweep_loop(
                 state.artifacts.clone(),
+                state.metrics.clone(),
                 Duration::from_secs(cfg.artifacts.ttl_s),
                 Duration::from_secs(cfg.artifacts.s3.sweep_interval_s),
                 shutdown.clone(),
@@ -208,6 +209,7 @@ impl AppState {
 /// planned; stops on `shutdown`.
 async fn sweep_loop(
     artifacts: Arc<dyn ArtifactStore>,
+    metrics: metrics::GatewayMetrics,
     ttl: Duration,
     every: Duration,
     shutdown: CancellationToken,
@@ -224,12 +226,19 @@ async fn sweep_loop(
             r = artifacts.sweep(ttl) => r,
         };
         match round {
-            Ok(n) => tracing::info!(
-                deleted = n,
-                older_than_s = ttl.as_secs(),
-                "artifact retention sweep"
-            ),
-            Err(e) => tracing::warn!(error = %e, "artifact retention sweep failed"),
+            Ok(n) => {
+                metrics.sweeps.with_label_values(&["ok"]).inc();
+                metrics.swept.inc_by(n);
+                tracing::info!(
+                    deleted = n,
+                    older_than_s = ttl.as_secs(),
+                    "artifact retention sweep"
+                )
+            }
+            Err(e) => {
+                metrics.sweeps.with_label_values(&["error"]).inc();
+                tracing::warn!(error = %e, "artifact retention sweep failed")
+            }
         }
     }
 }

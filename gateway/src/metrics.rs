@@ -31,6 +31,12 @@ pub(crate) struct GatewayMetrics {
     e2e_per_output_second: Histogram,
     queue_length: IntGauge,
     pub(crate) ws_clients: IntGauge,
+    /// Direct-upload URLs issued (`POST /uploads`).
+    pub(crate) uploads_issued: IntCounter,
+    /// Retention sweep rounds of the s3 backend, by outcome (`ok`, `error`).
+    pub(crate) sweeps: IntCounterVec,
+    /// Objects the retention sweep deleted.
+    pub(crate) swept: IntCounter,
     backlog: IntGaugeVec,
     backlog_at: std::sync::Arc<Mutex<Option<Instant>>>,
     /// Epoch seconds this process started: tasks that ended before it are history (the
@@ -83,6 +89,21 @@ impl GatewayMetrics {
             "Tasks that have not reached the GPU yet",
         )?;
         let ws_clients = IntGauge::new("lipsync_websocket_clients", "Open WebSocket connections")?;
+        let uploads_issued = IntCounter::new(
+            "lipsync_uploads_issued_total",
+            "Direct-upload URLs issued by POST /uploads",
+        )?;
+        let sweeps = IntCounterVec::new(
+            Opts::new(
+                "lipsync_artifact_sweeps_total",
+                "Retention sweep rounds of the s3 artifact backend, by outcome (ok, error)",
+            ),
+            &["outcome"],
+        )?;
+        let swept = IntCounter::new(
+            "lipsync_artifact_swept_objects_total",
+            "Objects older than artifacts.ttl_s that the retention sweep deleted",
+        )?;
         let backlog = IntGaugeVec::new(
             Opts::new(
                 "lipsync_stage_backlog",
@@ -97,6 +118,9 @@ impl GatewayMetrics {
         registry.register(Box::new(e2e_per_output_second.clone()))?;
         registry.register(Box::new(queue_length.clone()))?;
         registry.register(Box::new(ws_clients.clone()))?;
+        registry.register(Box::new(uploads_issued.clone()))?;
+        registry.register(Box::new(sweeps.clone()))?;
+        registry.register(Box::new(swept.clone()))?;
         registry.register(Box::new(backlog.clone()))?;
         Ok(Self {
             registry,
@@ -107,6 +131,9 @@ impl GatewayMetrics {
             e2e_per_output_second,
             queue_length,
             ws_clients,
+            uploads_issued,
+            sweeps,
+            swept,
             backlog,
             backlog_at: Default::default(),
             started_at: lipsync_runtime::tasks::now().0,

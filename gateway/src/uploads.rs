@@ -115,6 +115,7 @@ pub(crate) async fn create(
         .await
         .map_err(|e| ApiError::Unavailable(format!("presign: {e}")))?
         .ok_or_else(unavailable)?;
+    state.metrics.uploads_issued.inc();
     tracing::info!(
         upload_id = %id,
         tenant = caller.tenant.as_deref().unwrap_or("-"),

@@ -203,6 +203,15 @@ where
     }
 }
 
+/// The value of one series (`name` or `name{labels}`, as the exposition writes it) in a
+/// Prometheus text page; 0 when absent.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Poll `f` until it returns `Some` or `timeout` passes.
 pub async fn wait_for<T, F, Fut>(timeout: Duration, mut f: F) -> Result<T>
 where

@@ -19,7 +19,7 @@ use lipsync_runtime::artifacts::Presign;
 use lipsync_runtime::config::{ApiKeyConfig, KeyRole};
 use lipsync_schemas::names;
 use lipsync_tests::pipeline::{Pipeline, binary};
-use lipsync_tests::{S3Server, free_port, wait_for};
+use lipsync_tests::{S3Server, free_port, metric_value, wait_for};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -149,6 +149,13 @@ async fn gateway_uploads_presigns_and_serves_ranges_on_s3() {
         .await
         .unwrap();
     assert_eq!(error_code(r, 422).await, "invalid_request");
+    // Issued URLs are counted, refused requests are not.
+    let text = env.metrics().await;
+    assert_eq!(
+        metric_value(&text, "lipsync_uploads_issued_total"),
+        2.0,
+        "{text}"
+    );
     let (vid, aid) = (
         video["upload_id"].as_str().unwrap().to_owned(),
         audio["upload_id"].as_str().unwrap().to_owned(),
@@ -406,7 +413,7 @@ async fn nats_backend_has_no_direct_uploads_and_ignores_presign() {
 
 #[tokio::test]
 async fn the_retention_sweep_deletes_old_objects_and_keeps_new_ones() {
-    let s3 = S3Server::start().await.unwrap();
+    let mut s3 = S3Server::start().await.unwrap();
     let store = s3.store().unwrap();
     // At store level: nothing is older than an hour, everything is older than zero.
     store.put("t/fresh", &mut &b"x"[..]).await.unwrap();
@@ -423,6 +430,8 @@ async fn the_retention_sweep_deletes_old_objects_and_keeps_new_ones() {
         s3.config(c);
         c.artifacts.ttl_s = 2;
         c.artifacts.s3.sweep_interval_s = 1;
+        // A round against a dead server fails at once instead of retrying for minutes.
+        c.artifacts.s3.max_retries = 0;
     })
     .await;
     wait_for(Duration::from_secs(15), || async {
@@ -434,6 +443,29 @@ async fn the_retention_sweep_deletes_old_objects_and_keeps_new_ones() {
     // At least one more round runs before it is 2 s old.
     tokio::time::sleep(Duration::from_millis(1300)).await;
     assert!(store.info("t/new").await.unwrap().is_some());
+    let text = env.metrics().await;
+    assert!(
+        metric_value(&text, "lipsync_artifact_swept_objects_total") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        metric_value(&text, "lipsync_artifact_sweeps_total{outcome=\"ok\"}") >= 2.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, "lipsync_artifact_sweeps_total{outcome=\"error\"}"),
+        0.0,
+        "{text}"
+    );
+    // A round that cannot reach the bucket is counted as an error; the loop goes on.
+    s3.kill();
+    wait_for(Duration::from_secs(15), || async {
+        let text = env.metrics().await;
+        (metric_value(&text, "lipsync_artifact_sweeps_total{outcome=\"error\"}") >= 2.0)
+            .then_some(())
+    })
+    .await
+    .expect("failed sweep rounds are counted, and the next ones still run");
     env.stop().await;
 }
 

@@ -18,11 +18,7 @@ async fn metric(http: &reqwest::Client, ops: &str, name: &str, stage: &str) -> f
         return 0.0;
     };
     let body = r.text().await.unwrap_or_default();
-    let key = format!("{name}{{stage=\"{stage}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    lipsync_tests::metric_value(&body, &format!("{name}{{stage=\"{stage}\"}}"))
 }
 
 async fn in_flight(http: &reqwest::Client, ops: &str, stage: &str) -> f64 {
