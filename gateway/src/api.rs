@@ -72,16 +72,21 @@ pub struct SyncRequest {
     pub output_upload_url: Option<String>,
 }
 
-/// `POST /sync` multipart body: files instead of URLs.
+/// `POST /sync` multipart body: files instead of URLs. Each input is a file part or, on
+/// servers with direct uploads, its `*_upload_id` text field.
 #[derive(Debug, ToSchema)]
 #[allow(dead_code)]
 pub struct SyncUpload {
-    /// The video file.
+    /// The video file (or give `video_upload_id`).
     #[schema(format = Binary, content_media_type = "application/octet-stream")]
-    pub video: String,
-    /// The audio file.
+    pub video: Option<String>,
+    /// The audio file (or give `audio_upload_id`).
     #[schema(format = Binary, content_media_type = "application/octet-stream")]
-    pub audio: String,
+    pub audio: Option<String>,
+    /// As in the JSON body: a direct upload in place of the `video` file.
+    pub video_upload_id: Option<String>,
+    /// As in the JSON body: a direct upload in place of the `audio` file.
+    pub audio_upload_id: Option<String>,
     /// As in the JSON body.
     pub inference_ckpt_path: Option<String>,
     /// As in the JSON body.

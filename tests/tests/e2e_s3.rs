@@ -96,6 +96,36 @@ async fn put(url: &str, bytes: Vec<u8>) {
     assert!(r.status().is_success(), "PUT answered {}", r.status());
 }
 
+/// `POST /sync` as a multipart form of `(name, file name, value)` parts.
+async fn sync_form(
+    http: &reqwest::Client,
+    base: &str,
+    bearer: &str,
+    parts: &[(&str, Option<&str>, &str)],
+) -> reqwest::Response {
+    let boundary = "e2es3boundary";
+    let mut form = String::new();
+    for (name, file, value) in parts {
+        let filename = file
+            .map(|f| format!("; filename=\"{f}\""))
+            .unwrap_or_default();
+        form.push_str(&format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"{filename}\r\n\r\n{value}\r\n"
+        ));
+    }
+    form.push_str(&format!("--{boundary}--\r\n"));
+    http.post(format!("{base}/sync"))
+        .bearer_auth(bearer)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(form)
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn sync(http: &reqwest::Client, base: &str, bearer: &str, body: Value) -> reqwest::Response {
     http.post(format!("{base}/sync"))
         .bearer_auth(bearer)
@@ -265,33 +295,68 @@ async fn gateway_uploads_presigns_and_serves_ranges_on_s3() {
         .unwrap()
         .to_owned();
     // The multipart form reads and checks output_upload_url too.
-    let boundary = "e2es3boundary";
-    let mut form = String::new();
-    for (name, file, value) in [
-        ("video", Some("v.mp4"), "v"),
-        ("audio", Some("a.wav"), "a"),
-        ("output_upload_url", None, "ftp://e.com/result.mp4"),
-    ] {
-        let filename = file
-            .map(|f| format!("; filename=\"{f}\""))
-            .unwrap_or_default();
-        form.push_str(&format!(
-            "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"{filename}\r\n\r\n{value}\r\n"
-        ));
-    }
-    form.push_str(&format!("--{boundary}--\r\n"));
-    let r = http
-        .post(env.url("/sync"))
-        .bearer_auth("acme-key")
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(form)
-        .send()
-        .await
-        .unwrap();
+    let r = sync_form(
+        http,
+        &base,
+        "acme-key",
+        &[
+            ("video", Some("v.mp4"), "v"),
+            ("audio", Some("a.wav"), "a"),
+            ("output_upload_url", None, "ftp://e.com/result.mp4"),
+        ],
+    )
+    .await;
     assert_eq!(error_code(r, 422).await, "invalid_request");
+    // A form may name a direct upload in place of a file (as beta, whose quota is free).
+    let b_audio = create_upload(http, &base, Some("beta-key"), None).await;
+    put(
+        b_audio["upload_url"].as_str().unwrap(),
+        b"beta audio".to_vec(),
+    )
+    .await;
+    let b_aid = b_audio["upload_id"].as_str().unwrap();
+    let video_file = ("video", Some("v.mp4"), "beta video");
+    let cases = [
+        (
+            vec![
+                video_file,
+                ("audio", Some("a.wav"), "a"),
+                ("audio_upload_id", None, b_aid),
+            ],
+            "invalid_request",
+        ),
+        (vec![video_file], "invalid_request"),
+        // acme's upload (already used, and not beta's).
+        (
+            vec![video_file, ("audio_upload_id", None, aid.as_str())],
+            "upload_not_found",
+        ),
+    ];
+    for (parts, code) in cases {
+        let r = sync_form(http, &base, "beta-key", &parts).await;
+        assert_eq!(error_code(r, 422).await, code, "{parts:?}");
+    }
+    let with_upload = [video_file, ("audio_upload_id", None, b_aid)];
+    let r = sync_form(http, &base, "beta-key", &with_upload).await;
+    assert_eq!(r.status(), 200);
+    let bid = r.json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (rec, _) = env.tasks.get(&bid).await.unwrap().unwrap();
+    assert_eq!(
+        rec.request.audio,
+        lipsync_schemas::InputSource::Artifact(format!("uploads/beta/{b_aid}"))
+    );
+    let video_part = names::artifact_key(&bid, names::artifact::VIDEO);
+    assert_eq!(
+        rec.request.video,
+        lipsync_schemas::InputSource::Artifact(video_part.clone())
+    );
+    assert_eq!(read_all(&store, &video_part).await, b"beta video");
+    // The upload now serves that task only.
+    let r = sync_form(http, &base, "beta-key", &with_upload).await;
+    assert_eq!(error_code(r, 422).await, "upload_not_found");
     // The record shows no URL for uploaded inputs.
     let t: Value = http
         .get(env.url(&format!("/task/{id}")))

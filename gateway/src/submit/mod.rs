@@ -84,8 +84,8 @@ pub(crate) async fn sync(
     let (video, audio, params, hash, uploaded, direct) = if ctype.starts_with("multipart/form-data")
     {
         let mut uploaded = Vec::new();
-        match upload::intake(&state, &task_id, req, &mut uploaded).await {
-            Ok(u) => (u.video, u.audio, u.params, u.hash, uploaded, Vec::new()),
+        match upload::intake(&state, &caller, &task_id, req, &mut uploaded).await {
+            Ok(u) => (u.video, u.audio, u.params, u.hash, uploaded, u.direct),
             Err(e) => {
                 upload::cleanup(&state, &uploaded).await;
                 return Err(e);

@@ -1,6 +1,7 @@
 //! Multipart intake of `POST /sync`: files instead of URLs. Each file streams into the
 //! artifact store (`<task_id>/input_video`, `<task_id>/input_audio`), both together capped
-//! at `gateway.max_upload_bytes`.
+//! at `gateway.max_upload_bytes`. On the s3 backend either input may instead be named by
+//! a text field `video_upload_id` / `audio_upload_id` (a direct upload, as in JSON).
 //!
 //! Limits, before and while reading: a `Content-Length` over the cap (plus room for the
 //! text fields) is refused with 413 before a byte is read; at most
@@ -21,6 +22,7 @@ use tokio_util::io::StreamReader;
 
 use super::validate::{Params, RawParams, hash_of, validate};
 use crate::AppState;
+use crate::auth::Caller;
 use crate::error::{ApiError, Result};
 
 /// Longest accepted text field of a multipart body.
@@ -34,6 +36,8 @@ pub(super) struct Uploaded {
     pub(super) audio: InputSource,
     pub(super) params: Params,
     pub(super) hash: String,
+    /// Keys of the direct uploads it names (claimed for the task on acceptance).
+    pub(super) direct: Vec<String>,
 }
 
 /// Refuse a declared body larger than the upload cap before reading it.
@@ -57,6 +61,7 @@ pub(super) fn precheck(state: &AppState, req: &Request) -> Result<()> {
 /// `uploaded` as they are created (the caller deletes them on failure).
 pub(super) async fn intake(
     state: &AppState,
+    caller: &Caller,
     task_id: &str,
     req: Request,
     uploaded: &mut Vec<String>,
@@ -66,7 +71,7 @@ pub(super) async fn intake(
         .await
         .map_err(|e| ApiError::InvalidJson(format!("invalid multipart body: {}", e.body_text())))?;
     let deadline = Duration::from_secs(state.gw.upload_timeout_s.max(1));
-    match tokio::time::timeout(deadline, read_form(state, task_id, mp, uploaded)).await {
+    match tokio::time::timeout(deadline, read_form(state, caller, task_id, mp, uploaded)).await {
         Ok(r) => r,
         Err(_) => Err(ApiError::RequestTimeout(format!(
             "the upload did not finish within {} s",
@@ -81,6 +86,7 @@ fn mp_err(e: axum::extract::multipart::MultipartError) -> ApiError {
 
 async fn read_form(
     state: &AppState,
+    caller: &Caller,
     task_id: &str,
     mut mp: Multipart,
     uploaded: &mut Vec<String>,
@@ -132,17 +138,14 @@ async fn read_form(
         }
         *slot = Some((key, digest));
     }
-    let (Some((video_key, video_hash)), Some((audio_key, audio_hash))) = (video, audio) else {
-        return Err(ApiError::InvalidRequest(
-            "multipart body needs both a `video` and an `audio` file".into(),
-        ));
-    };
     // Empty and `null` text fields mean "not given" (form encoders write None that way).
     let num = |k: &str| {
         text.get(k)
             .map(|s| s.trim())
             .filter(|s| !s.is_empty() && *s != "null")
     };
+    let video = input(state, caller, "video", video, num("video_upload_id")).await?;
+    let audio = input(state, caller, "audio", audio, num("audio_upload_id")).await?;
     let parse_err = |k: &str| ApiError::InvalidRequest(format!("{k} is not a valid number"));
     let steps = num("inference_steps")
         .map(|s| s.parse::<u32>().map_err(|_| parse_err("inference_steps")))
@@ -164,13 +167,63 @@ async fn read_form(
             output_upload_url: num("output_upload_url").map(str::to_owned),
         },
     )?;
-    let hash = hash_of(&params, &[video_hash, audio_hash]);
+    let hash = hash_of(&params, &[video.hash, audio.hash]);
+    // One upload may serve as both inputs (a video with its own sound track).
+    let mut direct: Vec<String> = [&video.direct, &audio.direct]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    direct.dedup();
     Ok(Uploaded {
-        video: InputSource::Artifact(video_key),
-        audio: InputSource::Artifact(audio_key),
+        video: InputSource::Artifact(video.key),
+        audio: InputSource::Artifact(audio.key),
         params,
         hash,
+        direct,
     })
+}
+
+/// One input of a form: a stored file part or a direct upload.
+struct FormInput {
+    key: String,
+    /// What the request hash takes: the file's SHA-256, or the upload's key.
+    hash: String,
+    /// The key again when it is a direct upload (claimed for the task).
+    direct: Option<String>,
+}
+
+/// The `name` input from its file part (`(key, sha256)`) or its `{name}_upload_id`
+/// field: exactly one of them.
+async fn input(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+    file: Option<(String, String)>,
+    upload_id: Option<&str>,
+) -> Result<FormInput> {
+    match (file, upload_id) {
+        (Some((key, digest)), None) => Ok(FormInput {
+            key,
+            hash: digest,
+            direct: None,
+        }),
+        (None, Some(id)) => {
+            let key =
+                crate::uploads::resolve(state, caller, &format!("{name}_upload_id"), id).await?;
+            Ok(FormInput {
+                key: key.clone(),
+                hash: key.clone(),
+                direct: Some(key),
+            })
+        }
+        (Some(_), Some(_)) => Err(ApiError::InvalidRequest(format!(
+            "give either a `{name}` file or `{name}_upload_id`, not both"
+        ))),
+        (None, None) => Err(ApiError::InvalidRequest(format!(
+            "multipart body needs a `{name}` file (or `{name}_upload_id`)"
+        ))),
+    }
 }
 
 async fn read_text(mut field: axum::extract::multipart::Field<'_>, name: &str) -> Result<String> {
