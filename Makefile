@@ -54,7 +54,7 @@ test: setup-test
 	$(ENV) cargo build --workspace --bins
 	$(ENV) cargo nextest run --workspace --profile $(NEXTEST_PROFILE)
 	$(ENV) LIPSYNC_TEST_ARTIFACTS=s3 cargo nextest run --workspace --profile $(NEXTEST_S3_PROFILE) \
-		-E 'package(lipsync-tests) & (binary(e2e) | binary(e2e_faults) | binary(e2e_scale))'
+		-E 'package(lipsync-tests) & (binary(e2e) | binary(e2e_faults) | binary(e2e_scale) | binary(gateway_schemathesis))'
 
 lint: setup
 	$(ENV) cargo fmt --all --check

@@ -1,6 +1,9 @@
 //! schemathesis (PyPI, installed in the venv by `make setup-test`) against the served
 //! `/openapi.json` of an in-process gateway: no 5xx, every status, content type, header and
 //! body conforms to the document. Bounded: 40 examples per operation, about 10 s.
+//! It follows the backend matrix (`LIPSYNC_TEST_ARTIFACTS`): on `s3` the gateway has a
+//! bucket and `outputs.presign`, so `POST /uploads` answers 201 and the upload-id fields
+//! of `POST /sync` reach the bucket.
 //!
 //! The checks `positive_data_acceptance` / `negative_data_rejection` are left out: the
 //! URL fields are checked by the SSRF policy and the `url` crate's WHATWG parser, which no
@@ -13,7 +16,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use gateway_common::Env;
-use lipsync_tests::workspace_root;
+use lipsync_tests::pipeline::test_backend;
+use lipsync_tests::{S3Server, workspace_root};
 
 fn schemathesis() -> PathBuf {
     let python = std::env::var("LIPSYNC_PYTHON")
@@ -33,7 +37,17 @@ fn schemathesis() -> PathBuf {
 
 #[tokio::test]
 async fn schemathesis_finds_no_server_error_or_schema_violation() {
-    let env = Env::start().await;
+    let s3 = match test_backend() {
+        "s3" => Some(S3Server::start().await.unwrap()),
+        _ => None,
+    };
+    let env = Env::start_with(|c| {
+        if let Some(s3) = &s3 {
+            s3.config(c);
+            c.outputs.presign = true;
+        }
+    })
+    .await;
     let base = env.url("");
     let out = tokio::time::timeout(
         Duration::from_secs(240),
@@ -70,5 +84,13 @@ async fn schemathesis_finds_no_server_error_or_schema_violation() {
         out.status.success(),
         "schemathesis failed:\n{stdout}\n{stderr}"
     );
+    if s3.is_some() {
+        // The run did reach the bucket-backed operation, not only its refusals.
+        let text = env.metrics().await;
+        assert!(
+            lipsync_tests::metric_value(&text, "lipsync_uploads_issued_total") > 0.0,
+            "{text}"
+        );
+    }
     env.stop().await;
 }
