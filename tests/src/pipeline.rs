@@ -190,7 +190,13 @@ pub struct Pipeline {
     procs: BTreeMap<String, Vec<(u16, Child)>>,
     env: Vec<(String, String)>,
     http: reqwest::Client,
+    /// Each process's log (stdout, `warn` and up), printed when a test fails.
+    logs: tempfile::TempDir,
+    spawned: usize,
 }
+
+/// Lines of each process's log a failing test prints.
+const LOG_TAIL_LINES: usize = 40;
 
 impl Pipeline {
     /// Start nats-server, every stage binary and the gateway; wait until all are ready.
@@ -257,6 +263,8 @@ impl Pipeline {
             ports,
             procs: BTreeMap::new(),
             env,
+            logs: tempfile::tempdir()?,
+            spawned: 0,
             // Below the gateway's header-read timeout (10 s), so a connection left idle
             // while the test blocks (making media) is never reused after the server
             // closed it.
@@ -322,11 +330,17 @@ impl Pipeline {
             free_port()
         };
         let listen_key = format!("LIPSYNC_{}__LISTEN", name.to_uppercase());
+        self.spawned += 1;
+        let log = std::fs::File::create(
+            self.logs
+                .path()
+                .join(format!("{:02}-lipsync-{name}.log", self.spawned)),
+        )?;
         let mut cmd = Command::new(bin);
         cmd.current_dir(workspace_root())
             .env(listen_key, format!("127.0.0.1:{port}"))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(log)
             .stderr(Stdio::inherit());
         for (k, v) in &self.env {
             cmd.env(k, v);
@@ -502,6 +516,34 @@ impl Drop for Pipeline {
         let names: Vec<String> = self.procs.keys().cloned().collect();
         for n in names {
             self.kill(&n);
+        }
+        if std::thread::panicking() {
+            self.print_log_tails();
+        }
+    }
+}
+
+impl Pipeline {
+    /// The end of every process's log on stderr (a failing test's output shows why).
+    fn print_log_tails(&self) {
+        let Ok(dir) = std::fs::read_dir(self.logs.path()) else {
+            return;
+        };
+        let mut files: Vec<PathBuf> = dir.flatten().map(|e| e.path()).collect();
+        files.sort();
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(LOG_TAIL_LINES);
+            eprintln!(
+                "---- {} (last {} of {} lines)",
+                f.file_name().unwrap_or_default().to_string_lossy(),
+                lines.len() - from,
+                lines.len()
+            );
+            for l in &lines[from..] {
+                eprintln!("{l}");
+            }
         }
     }
 }
