@@ -212,6 +212,19 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Wait until `key` is gone from `store` (deleted with its task, swept), for at most
+/// `timeout`.
+pub async fn wait_gone<S>(store: &S, key: &str, timeout: Duration) -> Result<()>
+where
+    S: lipsync_runtime::ArtifactStore + ?Sized,
+{
+    wait_for(timeout, || async {
+        store.info(key).await.unwrap().is_none().then_some(())
+    })
+    .await
+    .with_context(|| format!("{key} is still stored after {timeout:?}"))
+}
+
 /// Poll `f` until it returns `Some` or `timeout` passes.
 pub async fn wait_for<T, F, Fut>(timeout: Duration, mut f: F) -> Result<T>
 where

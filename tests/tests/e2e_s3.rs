@@ -19,7 +19,7 @@ use lipsync_runtime::artifacts::Presign;
 use lipsync_runtime::config::{ApiKeyConfig, KeyRole};
 use lipsync_schemas::names;
 use lipsync_tests::pipeline::{Pipeline, binary};
-use lipsync_tests::{S3Server, free_port, metric_value, wait_for};
+use lipsync_tests::{S3Server, free_port, metric_value, wait_for, wait_gone};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -274,16 +274,9 @@ async fn gateway_uploads_presigns_and_serves_ranges_on_s3() {
         .unwrap();
     assert_eq!(r.status(), 200);
     // The cancelled task's uploads went with it.
-    wait_for(Duration::from_secs(5), || async {
-        store
-            .info(&video_key)
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await
-    .unwrap();
+    wait_gone(&store, &video_key, Duration::from_secs(5))
+        .await
+        .unwrap();
     let r = wait_for(Duration::from_secs(5), || async {
         let r = sync(http, &base, "acme-key", body2.clone()).await;
         (r.status() == 200).then_some(r)
@@ -499,11 +492,9 @@ async fn the_retention_sweep_deletes_old_objects_and_keeps_new_ones() {
         c.artifacts.s3.max_retries = 0;
     })
     .await;
-    wait_for(Duration::from_secs(15), || async {
-        store.info("t/old").await.unwrap().is_none().then_some(())
-    })
-    .await
-    .expect("the sweep deletes an object older than artifacts.ttl_s");
+    wait_gone(&store, "t/old", Duration::from_secs(15))
+        .await
+        .expect("the sweep deletes an object older than artifacts.ttl_s");
     store.put("t/new", &mut &b"new"[..]).await.unwrap();
     // At least one more round runs before it is 2 s old.
     tokio::time::sleep(Duration::from_millis(1300)).await;
@@ -811,11 +802,9 @@ async fn pipeline_on_s3_with_direct_uploads_presigned_results_and_output_uploads
     // The uploads went with the task's inputs.
     for id in [vid, aid] {
         let k = format!("uploads/acme/{id}");
-        wait_for(Duration::from_secs(10), || async {
-            store.info(&k).await.unwrap().is_none().then_some(())
-        })
-        .await
-        .unwrap_or_else(|_| panic!("{k} was not deleted with the task"));
+        wait_gone(&store, &k, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|_| panic!("{k} was not deleted with the task"));
     }
 
     // 2. Typed refusal of the oversized upload.

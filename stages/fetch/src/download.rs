@@ -32,7 +32,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use url::Url;
 
-use crate::guard::{GuardError, GuardedClient};
+use crate::guard::{GuardError, GuardedClient, root_cause};
 
 /// Caps for one download.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,14 +193,6 @@ impl DownloadError {
             reason,
         }
     }
-}
-
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
 }
 
 /// Downloads `url` into `sink`, chunk by chunk, and calls `progress(downloaded, total)`

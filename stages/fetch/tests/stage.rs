@@ -426,16 +426,9 @@ async fn an_upload_larger_than_max_bytes_is_refused_typed() {
         err.message
     );
     // The failed task's inputs go with it, the upload included.
-    wait_for(Duration::from_secs(10), || async {
-        e.artifacts
-            .info(&key)
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await
-    .unwrap();
+    lipsync_tests::wait_gone(&e.artifacts, &key, Duration::from_secs(10))
+        .await
+        .unwrap();
     shutdown.cancel();
     stage.wait().await.unwrap();
 }

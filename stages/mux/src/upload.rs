@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use lipsync_netguard::{ClientOptions, GuardError, GuardedClient};
+use lipsync_netguard::{ClientOptions, GuardError, GuardedClient, root_cause};
 use lipsync_runtime::config::{FetchConfig, MuxConfig};
 use tokio_util::io::ReaderStream;
 
@@ -154,12 +154,8 @@ fn transport(e: reqwest::Error) -> UploadError {
         "the transfer failed"
     };
     let e = e.without_url();
-    let mut root = std::error::Error::source(&e);
-    while let Some(next) = root.and_then(std::error::Error::source) {
-        root = Some(next);
-    }
-    match root {
-        Some(cause) => UploadError::Transport(format!("{kind} ({cause})")),
+    match std::error::Error::source(&e) {
+        Some(cause) => UploadError::Transport(format!("{kind} ({})", root_cause(cause))),
         None => UploadError::Transport(kind.to_owned()),
     }
 }

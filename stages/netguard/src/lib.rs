@@ -645,6 +645,16 @@ pub fn is_cloud_metadata(ip: IpAddr) -> bool {
     is_cloud_metadata_with(ip, &[well_known_nat64()])
 }
 
+/// The innermost error of `e`'s source chain, as text: what a failed request reports
+/// (a connection refused, a reset) without the URL its outer layers carry.
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
 fn in_nat64(ip: Ipv6Addr, nat64: &[IpNet]) -> bool {
     nat64.iter().any(|n| n.contains(IpAddr::V6(ip)))
 }
