@@ -3,6 +3,7 @@
 //! a loopback HTTP server with test media, and helpers to submit and follow tasks.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -190,13 +191,98 @@ pub struct Pipeline {
     procs: BTreeMap<String, Vec<(u16, Child)>>,
     env: Vec<(String, String)>,
     http: reqwest::Client,
-    /// Each process's log (stdout, `warn` and up), printed when a test fails.
+    /// Each process's log (stdout: `info` and up, less the access log), printed when a
+    /// test fails or times out.
     logs: tempfile::TempDir,
     spawned: usize,
 }
 
 /// Lines of each process's log a failing test prints.
 const LOG_TAIL_LINES: usize = 40;
+
+/// Log folders of this process's running pipelines, for the SIGTERM report.
+static LOG_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// A folder for one pipeline's process logs: a fresh one under `LIPSYNC_TEST_LOG_DIR`,
+/// kept after the test, when that is set; otherwise a temporary one. Registered for the
+/// SIGTERM report (see [`report_on_sigterm`]).
+fn log_dir() -> Result<tempfile::TempDir> {
+    let dir = match std::env::var_os("LIPSYNC_TEST_LOG_DIR") {
+        Some(parent) => {
+            std::fs::create_dir_all(&parent)?;
+            tempfile::Builder::new()
+                .prefix("pipeline-")
+                .disable_cleanup(true)
+                .tempdir_in(parent)?
+        }
+        None => tempfile::tempdir()?,
+    };
+    report_on_sigterm();
+    LOG_DIRS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(dir.path().to_owned());
+    Ok(dir)
+}
+
+/// Once per test process: on SIGTERM (nextest's timeout signal) print the log tails of
+/// every running pipeline, then exit. A hung test so shows its processes' logs, as a
+/// failing one does (a timeout is no panic, so `Drop` alone would show nothing).
+fn report_on_sigterm() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        std::thread::spawn(move || {
+            rt.block_on(async {
+                use tokio::signal::unix::{SignalKind, signal};
+                if let Ok(mut term) = signal(SignalKind::terminate()) {
+                    term.recv().await;
+                }
+            });
+            let _ = writeln!(
+                std::io::stderr(),
+                "SIGTERM: the test timed out or was stopped; its processes' logs follow"
+            );
+            let dirs = LOG_DIRS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            for d in &dirs {
+                print_log_tails(d);
+            }
+            std::process::exit(143);
+        });
+    });
+}
+
+/// The end of every process's log in `dir` on stderr (written to the stream itself: the
+/// test harness's output capture, which `eprintln!` goes through, is never shown for a
+/// process that exits).
+fn print_log_tails(dir: &Path) {
+    let mut err = std::io::stderr().lock();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    files.sort();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(LOG_TAIL_LINES);
+        let _ = writeln!(
+            err,
+            "---- {} (last {} of {} lines)",
+            f.display(),
+            lines.len() - from,
+            lines.len()
+        );
+        for l in &lines[from..] {
+            let _ = writeln!(err, "{l}");
+        }
+    }
+}
 
 impl Pipeline {
     /// Start nats-server, every stage binary and the gateway; wait until all are ready.
@@ -240,7 +326,10 @@ impl Pipeline {
                 "LIPSYNC_MUX__LOCAL_DIR".into(),
                 outputs.path().to_string_lossy().into_owned(),
             ),
-            ("LIPSYNC_LOG__FILTER".into(), "warn".into()),
+            (
+                "LIPSYNC_LOG__FILTER".into(),
+                "info,lipsync_gateway::access=warn,async_nats=warn".into(),
+            ),
         ];
         if let Some(s3) = &s3 {
             env.extend(s3.env());
@@ -263,7 +352,7 @@ impl Pipeline {
             ports,
             procs: BTreeMap::new(),
             env,
-            logs: tempfile::tempdir()?,
+            logs: log_dir()?,
             spawned: 0,
             // Below the gateway's header-read timeout (10 s), so a connection left idle
             // while the test blocks (making media) is never reused after the server
@@ -518,33 +607,12 @@ impl Drop for Pipeline {
             self.kill(&n);
         }
         if std::thread::panicking() {
-            self.print_log_tails();
+            print_log_tails(self.logs.path());
         }
-    }
-}
-
-impl Pipeline {
-    /// The end of every process's log on stderr (a failing test's output shows why).
-    fn print_log_tails(&self) {
-        let Ok(dir) = std::fs::read_dir(self.logs.path()) else {
-            return;
-        };
-        let mut files: Vec<PathBuf> = dir.flatten().map(|e| e.path()).collect();
-        files.sort();
-        for f in files {
-            let text = std::fs::read_to_string(&f).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let from = lines.len().saturating_sub(LOG_TAIL_LINES);
-            eprintln!(
-                "---- {} (last {} of {} lines)",
-                f.file_name().unwrap_or_default().to_string_lossy(),
-                lines.len() - from,
-                lines.len()
-            );
-            for l in &lines[from..] {
-                eprintln!("{l}");
-            }
-        }
+        LOG_DIRS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|d| d != self.logs.path());
     }
 }
 
