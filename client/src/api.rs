@@ -45,6 +45,37 @@ impl Input {
     }
 }
 
+/// The body of a `POST /sync`.
+enum SyncBody<'a> {
+    /// JSON: each input a URL or a direct upload's id.
+    Json(JsonInput, JsonInput),
+    /// A multipart form of the two files.
+    Files(&'a Path, &'a Path),
+}
+
+/// One input of a JSON `POST /sync`.
+enum JsonInput {
+    /// `<name>_url`.
+    Url(String),
+    /// `<name>_upload_id`.
+    Upload(String),
+}
+
+impl JsonInput {
+    fn field(&self, name: &str) -> String {
+        match self {
+            JsonInput::Url(_) => format!("{name}_url"),
+            JsonInput::Upload(_) => format!("{name}_upload_id"),
+        }
+    }
+
+    fn value(&self) -> &str {
+        match self {
+            JsonInput::Url(v) | JsonInput::Upload(v) => v,
+        }
+    }
+}
+
 /// Optional request parameters (`None`: the server's default).
 #[derive(Debug, Clone, Default)]
 pub struct Params {
@@ -141,6 +172,8 @@ impl Task {
 pub struct Client {
     base: url::Url,
     http: reqwest::Client,
+    /// For presigned upload URLs: no API key (it is not the bucket's to see).
+    upload_http: reqwest::Client,
     api_key: Option<String>,
     retries: u32,
     on_retry: std::sync::Arc<dyn Fn(&str) + Send + Sync>,
@@ -179,15 +212,20 @@ impl Client {
                 .map_err(|_| ClientError::Usage("--api-key must be visible ASCII".into()))?;
             headers.insert(AUTHORIZATION, v);
         }
-        let http = reqwest::Client::builder()
+        let builder = || {
+            reqwest::Client::builder()
+                .user_agent(concat!("lipsync-cli/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(std::time::Duration::from_secs(10))
+        };
+        let http = builder()
             .default_headers(headers)
-            .user_agent(concat!("lipsync-cli/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(std::time::Duration::from_secs(10))
             .build()
             .map_err(|e| self_transport(server, e))?;
+        let upload_http = builder().build().map_err(|e| self_transport(server, e))?;
         Ok(Self {
             base,
             http,
+            upload_http,
             api_key,
             retries: DEFAULT_RETRIES,
             on_retry: std::sync::Arc::new(|msg| eprintln!("{msg}")),
@@ -279,31 +317,43 @@ impl Client {
     }
 
     /// `POST /sync`: JSON for two URLs, multipart for two files (uploaded streaming,
-    /// `upload_bar` advanced by the bytes sent). Returns the answer
-    /// (`task_id`, `queue_position`, `status`, `message`).
+    /// `upload_bar` advanced by the bytes sent). With `direct`, each file goes to the
+    /// server's bucket first ([`Self::direct_upload`]) and the request is JSON naming the
+    /// upload ids, so a URL and a file may be mixed. Returns the answer (`task_id`,
+    /// `queue_position`, `status`, `message`).
     ///
     /// # Errors
-    /// One URL and one file ([`ClientError::Usage`]), unreadable files, or the server's
-    /// refusal.
+    /// One URL and one file without `direct` ([`ClientError::Usage`]), unreadable files,
+    /// a failed direct upload, or the server's refusal.
     pub async fn submit(
         &self,
         video: &Input,
         audio: &Input,
         params: &Params,
+        direct: bool,
         upload_bar: &ProgressBar,
     ) -> Result<Value> {
-        if matches!(
-            (video, audio),
-            (Input::Url(_), Input::File(_)) | (Input::File(_), Input::Url(_))
-        ) {
-            return Err(ClientError::Usage(
-                "give two URLs (the server downloads them) or two files (uploaded); \
-                 mixing a URL and a file is not supported"
-                    .into(),
-            ));
-        }
+        upload_bar.set_position(0);
+        upload_bar.set_length(0);
+        let body = match (video, audio) {
+            _ if direct => SyncBody::Json(
+                self.json_input(video, "video", upload_bar).await?,
+                self.json_input(audio, "audio", upload_bar).await?,
+            ),
+            (Input::Url(v), Input::Url(a)) => {
+                SyncBody::Json(JsonInput::Url(v.clone()), JsonInput::Url(a.clone()))
+            }
+            (Input::File(v), Input::File(a)) => SyncBody::Files(v, a),
+            _ => {
+                return Err(ClientError::Usage(
+                    "give two URLs (the server downloads them) or two files (uploaded); \
+                     mixing a URL and a file needs --direct-upload"
+                        .into(),
+                ));
+            }
+        };
         let answer = self
-            .send_json_with(|| self.submit_request(video, audio, params, upload_bar))
+            .send_json_with(|| self.submit_request(&body, params, upload_bar))
             .await?;
         if answer.get("task_id").and_then(Value::as_str).is_none() {
             return Err(ClientError::Protocol("submit answer has no task_id".into()));
@@ -311,11 +361,69 @@ impl Client {
         Ok(answer)
     }
 
-    /// One `POST /sync` request (built again for each retry: an upload restarts).
+    /// A URL as it is; a file uploaded directly (its upload id).
+    async fn json_input(&self, input: &Input, kind: &str, bar: &ProgressBar) -> Result<JsonInput> {
+        Ok(match input {
+            Input::Url(u) => JsonInput::Url(u.clone()),
+            Input::File(f) => JsonInput::Upload(self.direct_upload(f, kind, bar).await?),
+        })
+    }
+
+    /// A direct upload: `POST /uploads` (`kind` is `video` or `audio`), then one `PUT` of
+    /// the file, streaming, to the presigned URL it answers (sent without the API key;
+    /// `bar` advanced by the bytes sent). Returns the upload id for `POST /sync`.
+    ///
+    /// # Errors
+    /// The server's refusal (`uploads_unavailable` without the s3 backend), an unreadable
+    /// file, or a failed `PUT` (the URL, a secret, is never part of the error).
+    pub async fn direct_upload(
+        &self,
+        path: &Path,
+        kind: &str,
+        bar: &ProgressBar,
+    ) -> Result<String> {
+        // The file first: an unreadable one asks the server for nothing.
+        let (len, body) = file_body(path, bar).await?;
+        let req = self
+            .http
+            .post(self.url("/uploads")?)
+            .json(&serde_json::json!({ "kind": kind }));
+        let ticket = self.send_json(req).await?;
+        let field = |name: &str| {
+            ticket
+                .get(name)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| ClientError::Protocol(format!("POST /uploads answer has no {name}")))
+        };
+        let (id, url) = (field("upload_id")?, field("upload_url")?);
+        let host = url::Url::parse(&url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_owned))
+            .unwrap_or_default();
+        let resp = self
+            .upload_http
+            .put(&url)
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self_transport(&format!("upload host {host}"), e.without_url()))?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(ClientError::Protocol(format!(
+                "the upload of {} to {host} was answered HTTP {}",
+                path.display(),
+                status.as_u16()
+            )));
+        }
+        Ok(id)
+    }
+
+    /// One `POST /sync` request (built again for each retry: a multipart upload restarts).
     async fn submit_request(
         &self,
-        video: &Input,
-        audio: &Input,
+        body: &SyncBody<'_>,
         params: &Params,
         upload_bar: &ProgressBar,
     ) -> Result<reqwest::RequestBuilder> {
@@ -323,51 +431,40 @@ impl Client {
         if let Some(k) = &params.idempotency_key {
             req = req.header("Idempotency-Key", k);
         }
-        upload_bar.set_position(0);
-        upload_bar.set_length(0);
-        Ok(match (video, audio) {
-            (Input::Url(v), Input::Url(a)) => {
-                let mut body = serde_json::json!({"video_url": v, "audio_url": a});
-                let obj = body.as_object_mut().expect("object literal");
-                if let Some(s) = params.steps {
-                    obj.insert("inference_steps".into(), s.into());
+        let fields = [
+            ("inference_steps", params.steps.map(Value::from)),
+            ("guidance_scale", params.guidance.map(Value::from)),
+            ("seed", params.seed.map(Value::from)),
+            ("inference_ckpt_path", params.model.clone().map(Value::from)),
+            ("webhook_url", params.webhook_url.clone().map(Value::from)),
+        ];
+        Ok(match body {
+            SyncBody::Json(v, a) => {
+                let mut obj = serde_json::Map::new();
+                obj.insert(v.field("video"), v.value().into());
+                obj.insert(a.field("audio"), a.value().into());
+                for (k, v) in fields {
+                    if let Some(v) = v {
+                        obj.insert(k.into(), v);
+                    }
                 }
-                if let Some(g) = params.guidance {
-                    obj.insert("guidance_scale".into(), g.into());
-                }
-                if let Some(s) = params.seed {
-                    obj.insert("seed".into(), s.into());
-                }
-                if let Some(m) = &params.model {
-                    obj.insert("inference_ckpt_path".into(), m.clone().into());
-                }
-                if let Some(w) = &params.webhook_url {
-                    obj.insert("webhook_url".into(), w.clone().into());
-                }
-                req.json(&body)
+                req.json(&obj)
             }
-            (Input::File(v), Input::File(a)) => {
+            SyncBody::Files(v, a) => {
+                upload_bar.set_position(0);
+                upload_bar.set_length(0);
                 let mut form = Form::new()
                     .part("video", file_part(v, upload_bar).await?)
                     .part("audio", file_part(a, upload_bar).await?);
-                if let Some(s) = params.steps {
-                    form = form.text("inference_steps", s.to_string());
-                }
-                if let Some(g) = params.guidance {
-                    form = form.text("guidance_scale", g.to_string());
-                }
-                if let Some(s) = params.seed {
-                    form = form.text("seed", s.to_string());
-                }
-                if let Some(m) = &params.model {
-                    form = form.text("inference_ckpt_path", m.clone());
-                }
-                if let Some(w) = &params.webhook_url {
-                    form = form.text("webhook_url", w.clone());
+                for (k, v) in fields {
+                    match v {
+                        Some(Value::String(s)) => form = form.text(k, s),
+                        Some(v) => form = form.text(k, v.to_string()),
+                        None => {}
+                    }
                 }
                 req.multipart(form)
             }
-            _ => unreachable!("mixed inputs are refused by submit"),
         })
     }
 
@@ -584,8 +681,8 @@ fn api_error(status: u16, body: &[u8]) -> ClientError {
     }
 }
 
-/// A streaming multipart file part whose bytes advance `bar`.
-async fn file_part(path: &Path, bar: &ProgressBar) -> Result<Part> {
+/// A file's length and a streaming body of it whose bytes advance `bar`.
+async fn file_body(path: &Path, bar: &ProgressBar) -> Result<(u64, reqwest::Body)> {
     let file = tokio::fs::File::open(path)
         .await
         .map_err(|e| ClientError::io(format!("cannot open {}", path.display()), e))?;
@@ -597,11 +694,17 @@ async fn file_part(path: &Path, bar: &ProgressBar) -> Result<Part> {
     bar.inc_length(len);
     let counted = bar.clone();
     let stream = ReaderStream::new(file).inspect_ok(move |chunk| counted.inc(chunk.len() as u64));
+    Ok((len, reqwest::Body::wrap_stream(stream)))
+}
+
+/// A streaming multipart file part whose bytes advance `bar`.
+async fn file_part(path: &Path, bar: &ProgressBar) -> Result<Part> {
+    let (len, body) = file_body(path, bar).await?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "upload".into());
-    Part::stream_with_length(reqwest::Body::wrap_stream(stream), len)
+    Part::stream_with_length(body, len)
         .file_name(name)
         .mime_str("application/octet-stream")
         .map_err(|e| ClientError::Protocol(e.to_string()))

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! lipsync submit --video URL|FILE --audio URL|FILE [--video .. --audio ..]... [--csv FILE]
-//!                [--steps N] [--guidance G] [--seed S] [--webhook-url URL]
+//!                [--steps N] [--guidance G] [--seed S] [--webhook-url URL] [--direct-upload]
 //!                [--wait] [--timeout 10m] [--cancel-on-interrupt]
 //!                [--out result.mp4] [--mask-out mask.mp4] [--out-dir DIR]
 //! lipsync status ID [--wait] [--timeout D] [--cancel-on-interrupt] [--out result.mp4]
@@ -17,7 +17,9 @@
 //! retried, honouring `Retry-After`).
 //!
 //! Two URLs are sent as JSON (the server downloads them); two files are uploaded as a
-//! multipart form (`video`, `audio`). Several `--video/--audio` pairs, or a CSV file
+//! multipart form (`video`, `audio`). With `--direct-upload` each file goes to the
+//! server's bucket instead (`POST /uploads`, a PUT to the presigned URL) and the JSON
+//! names the upload ids (`video_upload_id`, `audio_upload_id`). Several `--video/--audio` pairs, or a CSV file
 //! (`video,audio[,out]` per line, optional header), submit a batch: one task each, one
 //! progress bar each (indicatif `MultiProgress`). `--wait` (implied by `--out`,
 //! `--out-dir` and `--timeout`) follows the tasks over their WebSockets
@@ -141,6 +143,12 @@ pub struct SubmitArgs {
     /// The server POSTs the signed final task record to this URL when the task ends.
     #[arg(long)]
     pub webhook_url: Option<String>,
+    /// Send local files straight to the server's bucket (`POST /uploads`, then a PUT to
+    /// the presigned URL it answers) instead of through the gateway; needs a server with
+    /// the s3 artifact backend. A URL and a file may then be mixed. A re-run with the same
+    /// --idempotency-key uploads anew and is refused (idempotency_conflict), never doubled.
+    #[arg(long)]
+    pub direct_upload: bool,
     /// Follow the tasks with live progress bars until they end.
     #[arg(long)]
     pub wait: bool,
@@ -509,9 +517,13 @@ async fn submit(
             }),
             webhook_url: args.webhook_url.clone(),
         };
-        let uploading = matches!(item.video, Input::File(_));
+        let uploading = [&item.video, &item.audio]
+            .iter()
+            .any(|i| matches!(i, Input::File(_)));
         let bar = follow::bytes_bar(cli.quiet || !uploading, "uploading");
-        let answer = client.submit(&item.video, &item.audio, &params, &bar).await;
+        let answer = client
+            .submit(&item.video, &item.audio, &params, args.direct_upload, &bar)
+            .await;
         bar.finish_and_clear();
         let answer = match answer {
             Ok(a) => a,

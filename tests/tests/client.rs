@@ -186,6 +186,143 @@ async fn usage_and_api_errors_are_typed() {
         matches!(res, Err(ClientError::Api { status: 422, .. })),
         "{res:?}"
     );
+    // Direct uploads need the s3 backend; this gateway has the nats one.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a.wav");
+    std::fs::write(&file, b"audio").unwrap();
+    let (res, _) = cli(
+        &env,
+        &[
+            "submit",
+            "--direct-upload",
+            "--video",
+            "https://example.com/v.mp4",
+            "--audio",
+            file.to_str().unwrap(),
+        ],
+    )
+    .await;
+    match res.unwrap_err() {
+        ClientError::Api { code, .. } => assert_eq!(code, "uploads_unavailable"),
+        other => panic!("unexpected {other}"),
+    }
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn direct_upload_puts_files_in_the_bucket_and_submits_their_ids() {
+    let s3 = lipsync_tests::S3Server::start().await.unwrap();
+    let env = Env::start_with(|c| {
+        s3.config(c);
+        c.outputs.presign = true;
+        c.gateway.api_keys = vec!["k-123".into()];
+    })
+    .await;
+    let store = s3.store().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let video: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let audio: Vec<u8> = (0..40_000u32).map(|i| (i % 11) as u8).collect();
+    let vpath = dir.path().join("face.mp4");
+    let apath = dir.path().join("speech.wav");
+    std::fs::write(&vpath, &video).unwrap();
+    std::fs::write(&apath, &audio).unwrap();
+    let server = env.url("");
+    let submit = |video: String, audio: String| {
+        let argv = [
+            "lipsync",
+            "--server",
+            &server,
+            "--api-key",
+            "k-123",
+            "--json",
+            "submit",
+            "--direct-upload",
+            "--idempotency-key",
+            "direct-1",
+            "--video",
+            &video,
+            "--audio",
+            &audio,
+        ]
+        .map(str::to_owned);
+        async move {
+            let mut out = Vec::new();
+            let res = lipsync_client::run(Cli::try_from_args(argv).unwrap(), &mut out).await;
+            (res, String::from_utf8(out).unwrap())
+        }
+    };
+    let stored = |key: String| {
+        let store = &store;
+        async move {
+            let mut got = Vec::new();
+            let mut r = store.get(&key).await.unwrap();
+            tokio::io::AsyncReadExt::read_to_end(&mut r, &mut got)
+                .await
+                .unwrap();
+            got
+        }
+    };
+
+    // Two files: both go to the bucket, the record names their upload keys.
+    let (res, out) = submit(
+        vpath.to_str().unwrap().into(),
+        apath.to_str().unwrap().into(),
+    )
+    .await;
+    assert_eq!(res.unwrap(), EXIT_OK, "{out}");
+    let id = serde_json::from_str::<Value>(&out).unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (rec, _) = env.tasks.get(&id).await.unwrap().unwrap();
+    let key = |s: &lipsync_schemas::InputSource| match s {
+        lipsync_schemas::InputSource::Artifact(k) if k.starts_with("uploads/") => k.clone(),
+        other => panic!("not a direct upload: {other:?}"),
+    };
+    assert_eq!(stored(key(&rec.request.video)).await, video);
+    assert_eq!(stored(key(&rec.request.audio)).await, audio);
+
+    // A re-run with the same key uploads anew: refused, not a second task.
+    let (res, out) = submit(
+        vpath.to_str().unwrap().into(),
+        apath.to_str().unwrap().into(),
+    )
+    .await;
+    match res {
+        Err(ClientError::Api { code, .. }) => assert_eq!(code, "idempotency_conflict", "{out}"),
+        other => panic!("unexpected {other:?}: {out}"),
+    }
+
+    // A file and a URL mix (here with another key, so a new task).
+    let mixed = [
+        "lipsync",
+        "--server",
+        &server,
+        "--api-key",
+        "k-123",
+        "--json",
+        "submit",
+        "--direct-upload",
+        "--video",
+        vpath.to_str().unwrap(),
+        "--audio",
+        "https://example.com/speech.wav",
+    ];
+    let mut out = Vec::new();
+    let res = lipsync_client::run(Cli::try_from_args(mixed).unwrap(), &mut out).await;
+    let out = String::from_utf8(out).unwrap();
+    assert_eq!(res.unwrap(), EXIT_OK, "{out}");
+    let id2 = serde_json::from_str::<Value>(&out).unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(id2, id);
+    let (rec, _) = env.tasks.get(&id2).await.unwrap().unwrap();
+    assert_eq!(stored(key(&rec.request.video)).await, video);
+    assert_eq!(
+        rec.request.audio,
+        lipsync_schemas::InputSource::Url("https://example.com/speech.wav".into())
+    );
     env.stop().await;
 }
 
