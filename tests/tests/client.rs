@@ -227,8 +227,9 @@ async fn direct_upload_puts_files_in_the_bucket_and_submits_their_ids() {
     std::fs::write(&vpath, &video).unwrap();
     std::fs::write(&apath, &audio).unwrap();
     let server = env.url("");
-    let submit = |video: String, audio: String| {
-        let argv = [
+    // `lipsync --json submit --direct-upload <args>` with the key.
+    let submit = |args: Vec<String>| {
+        let mut argv: Vec<String> = [
             "lipsync",
             "--server",
             &server,
@@ -237,20 +238,24 @@ async fn direct_upload_puts_files_in_the_bucket_and_submits_their_ids() {
             "--json",
             "submit",
             "--direct-upload",
-            "--idempotency-key",
-            "direct-1",
-            "--video",
-            &video,
-            "--audio",
-            &audio,
         ]
-        .map(str::to_owned);
+        .map(str::to_owned)
+        .to_vec();
+        argv.extend(args);
         async move {
             let mut out = Vec::new();
             let res = lipsync_client::run(Cli::try_from_args(argv).unwrap(), &mut out).await;
             (res, String::from_utf8(out).unwrap())
         }
     };
+    let files = strings(&[
+        "--idempotency-key",
+        "direct-1",
+        "--video",
+        vpath.to_str().unwrap(),
+        "--audio",
+        apath.to_str().unwrap(),
+    ]);
     let stored = |key: String| {
         let store = &store;
         async move {
@@ -264,11 +269,7 @@ async fn direct_upload_puts_files_in_the_bucket_and_submits_their_ids() {
     };
 
     // Two files: both go to the bucket, the record names their upload keys.
-    let (res, out) = submit(
-        vpath.to_str().unwrap().into(),
-        apath.to_str().unwrap().into(),
-    )
-    .await;
+    let (res, out) = submit(files.clone()).await;
     assert_eq!(res.unwrap(), EXIT_OK, "{out}");
     let id = serde_json::from_str::<Value>(&out).unwrap()["task_id"]
         .as_str()
@@ -283,34 +284,20 @@ async fn direct_upload_puts_files_in_the_bucket_and_submits_their_ids() {
     assert_eq!(stored(key(&rec.request.audio)).await, audio);
 
     // A re-run with the same key uploads anew: refused, not a second task.
-    let (res, out) = submit(
-        vpath.to_str().unwrap().into(),
-        apath.to_str().unwrap().into(),
-    )
-    .await;
+    let (res, out) = submit(files).await;
     match res {
         Err(ClientError::Api { code, .. }) => assert_eq!(code, "idempotency_conflict", "{out}"),
         other => panic!("unexpected {other:?}: {out}"),
     }
 
-    // A file and a URL mix (here with another key, so a new task).
-    let mixed = [
-        "lipsync",
-        "--server",
-        &server,
-        "--api-key",
-        "k-123",
-        "--json",
-        "submit",
-        "--direct-upload",
+    // A file and a URL mix (no idempotency key: a new task).
+    let (res, out) = submit(strings(&[
         "--video",
         vpath.to_str().unwrap(),
         "--audio",
         "https://example.com/speech.wav",
-    ];
-    let mut out = Vec::new();
-    let res = lipsync_client::run(Cli::try_from_args(mixed).unwrap(), &mut out).await;
-    let out = String::from_utf8(out).unwrap();
+    ]))
+    .await;
     assert_eq!(res.unwrap(), EXIT_OK, "{out}");
     let id2 = serde_json::from_str::<Value>(&out).unwrap()["task_id"]
         .as_str()
