@@ -310,23 +310,13 @@ impl S3Artifacts {
                 Ok((size, done.e_tag))
             }
             Err(e) => {
-                if let Err(abort) = abort_after_parts(w).await {
+                if let Err(abort) = w.abort().await {
                     tracing::warn!(key, error = %abort, "aborting a failed upload failed");
                 }
                 Err(e)
             }
         }
     }
-}
-
-/// Abort a multipart upload once its part uploads in flight have ended. A part whose
-/// bytes were all sent may still be stored after an abort that cancelled its request
-/// (S3 documents this; the part then lingers unseen), so each is awaited, whatever its
-/// outcome, before the abort.
-async fn abort_after_parts(mut w: WriteMultipart) -> object_store::Result<()> {
-    // Each failed part ends one wait; the loop ends when none is left.
-    while w.wait_for_capacity(0).await.is_err() {}
-    w.abort().await
 }
 
 /// Aborts a multipart upload that is dropped unfinished (its put was cancelled).
@@ -338,7 +328,7 @@ impl Drop for AbortOnDrop {
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
             rt.spawn(async move {
-                if let Err(e) = abort_after_parts(w).await {
+                if let Err(e) = w.abort().await {
                     tracing::warn!(error = %e, "aborting an abandoned upload failed");
                 }
             });
